@@ -1,0 +1,102 @@
+"""The task protocol: what a federated task hands to the engines.
+
+A task owns the clients' data (already split into train / val / test tensors), a factory for
+the *target model* (the network each client runs), the training loss and the evaluation
+metrics. Engines never look inside the tensors beyond "the first tensor is the model input".
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Mapping, Protocol, Sequence, runtime_checkable
+
+import torch
+from torch import Tensor, nn
+
+# A split of one client: (inputs, *targets). Classification: (x, y). Forecasting with
+# missing values: (x, y, mask). The first tensor is the model input; the rest go to the loss.
+Split = tuple[Tensor, ...]
+
+
+@dataclass(frozen=True)
+class ClientData:
+    """One client's data, every tensor with the sample dimension first."""
+
+    train: Split
+    val: Split
+    test: Split
+
+    def __post_init__(self) -> None:
+        for name in ("train", "val", "test"):
+            split = getattr(self, name)
+            if not isinstance(split, tuple) or len(split) < 2:
+                raise ValueError(f"ClientData.{name} must be a tuple (inputs, targets, ...), got {type(split).__name__}")
+            n = {int(t.shape[0]) for t in split}
+            if len(n) != 1:
+                raise ValueError(f"ClientData.{name}: tensors disagree on the number of samples {sorted(n)}")
+
+    @property
+    def num_train(self) -> int:
+        return int(self.train[0].shape[0])
+
+    def to(self, device: torch.device | str) -> "ClientData":
+        move = lambda split: tuple(t.to(device) for t in split)  # noqa: E731
+        return ClientData(move(self.train), move(self.val), move(self.test))
+
+
+@runtime_checkable
+class Task(Protocol):
+    """What every engine needs from a task.
+
+    ``loss(output, *targets)`` must be written with tensor ops only (no ``.item()``, no data-
+    dependent Python control flow) so that it can run under ``torch.func.vmap``; it returns
+    the mean loss of the batch as a 0-d tensor.
+
+    ``metrics(output, *targets)`` returns *sums* over the given samples (e.g. ``{"correct": 17.,
+    "count": 32.}`` or ``{"sq_err": ..., "count": ...}``); ``finalize`` turns accumulated sums
+    into reported metrics (``accuracy``, ``mse`` ...). Sums let the engines evaluate in chunks and
+    pool over clients without losing precision.
+    """
+
+    name: str
+    num_clients: int
+
+    def client_data(self, client: int) -> ClientData: ...
+
+    def make_model(self, client: int | None = None) -> nn.Module:
+        """The target network. ``client`` is given for tasks whose clients differ in input
+        size (personal input layers); ``None`` asks for the shared architecture."""
+        ...
+
+    def loss(self, output: Tensor, *targets: Tensor) -> Tensor: ...
+
+    def metrics(self, output: Tensor, *targets: Tensor) -> dict[str, Tensor]: ...
+
+    def finalize(self, sums: Mapping[str, float]) -> dict[str, float]: ...
+
+
+def client_attribute(task: Task, name: str) -> Sequence | None:
+    """An optional per-client attribute a task may expose (e.g. ``label_sets``, ``groups``,
+    ``coordinates``), used by graph diagnostics and reports. ``None`` when the task has none."""
+    value = getattr(task, name, None)
+    return value() if callable(value) else value
+
+
+# -- reusable loss / metric helpers (vmap-safe) ------------------------------------------------
+
+def classification_loss(output: Tensor, y: Tensor) -> Tensor:
+    return nn.functional.cross_entropy(output, y)
+
+
+def classification_metrics(output: Tensor, y: Tensor) -> dict[str, Tensor]:
+    loss_sum = nn.functional.cross_entropy(output, y, reduction="sum")
+    correct = (output.argmax(-1) == y).sum().to(output.dtype)
+    return {"loss_sum": loss_sum, "correct": correct, "count": torch.tensor(float(y.shape[0]))}
+
+
+def classification_finalize(sums: Mapping[str, float]) -> dict[str, float]:
+    count = max(float(sums["count"]), 1.0)
+    return {"accuracy": float(sums["correct"]) / count, "loss": float(sums["loss_sum"]) / count}
+
+
+TaskFactory = Callable[..., Task]
