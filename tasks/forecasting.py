@@ -1,0 +1,551 @@
+"""Shared machinery of the forecasting tasks (``traffic`` in :mod:`tasks.traffic`, ``weather`` in
+:mod:`tasks.weather`): chronological splits, sliding windows, per-client normalisation, missing
+values, masked loss and metrics, and the :class:`ForecastTask` both tasks return.
+
+Data layout of one client split — the ``Split`` tuple the engines pass around::
+
+    x      [n, input_len, F]   model input (z-scored continuous features + bounded extras)
+    y      [n, output_len, T]  z-scored targets, 0 where missing
+    mask   [n, output_len, T]  1.0 = observed target, 0.0 = missing
+    scale  [n, 2, T]           per-target (std, mean) of the client's TRAIN period, to de-normalise
+
+Pipeline for one client (:func:`prepare_client`), on a series of S time steps:
+
+1. **Split first, window second.** The time axis is cut 70/10/20 (``round`` for train and val,
+   the rest to test) and windows are cut inside each part, so no window crosses a split boundary
+   and no test time step ever appears in a training window (input or target).
+2. **Missing values** are NaN (and, where the caller says so, zeros: a traffic speed of 0 is a
+   sensor dropout in METR-LA/PEMS-BAY; a temperature of 0 °C is not). Targets: masked (y = 0,
+   mask = 0), so a missing target changes neither the loss nor any metric. Inputs: forward-filled
+   along time (last observation carried forward — causal, so nothing leaks from the future), and
+   the leading gap before the first observation filled with the train mean (0 after z-scoring).
+3. **Normalisation**: per client and per feature, mean/std of the observed values of the TRAIN
+   period only (std < 1e-8 → 1). Bounded features (time of day, wind-direction sin/cos) are left
+   as they are.
+
+Metrics (:meth:`ForecastTask.metrics` → sums, :meth:`ForecastTask.finalize` → values) are in
+original units (mph, °C): ``mae``, ``rmse``, ``mse``, ``mape`` (a fraction, over observed
+non-zero targets only) and the same at horizons 3, 6 and 12 (``mae_h3`` … — horizon h is output
+step h-1; only horizons ≤ ``output_len``). ``loss`` is the masked MSE on z-scored values, i.e.
+exactly the training loss pooled over every observed target. Pooled values are Σ/Σ over all given
+samples; averaging per client is the engine's job.
+"""
+
+from __future__ import annotations
+
+import io
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping, Sequence
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from tasks.base import ClientData
+from tasks.forecast_models import FORECAST_MODELS, make_forecaster
+
+__all__ = [
+    "ForecastDataError",
+    "ForecastTask",
+    "ClientSeries",
+    "PreparedClient",
+    "HORIZONS",
+    "split_bounds",
+    "window_starts",
+    "forward_fill",
+    "prepare_client",
+    "forecast_loss",
+    "forecast_metrics",
+    "forecast_finalize",
+    "haversine_km",
+    "knn_adjacency",
+    "symmetrize_adjacency",
+    "validate_split_options",
+]
+
+HORIZONS = (3, 6, 12)
+_STD_FLOOR = 1e-8
+
+
+class ForecastDataError(ValueError):
+    """A forecasting data file is missing or malformed; the message names the file and what was
+    expected."""
+
+
+# -- splits and windows -----------------------------------------------------------------------
+
+def split_bounds(num_steps: int, fractions: Sequence[float]) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int]]:
+    """Chronological ``(start, stop)`` of train, val and test on a time axis of ``num_steps``.
+
+    ``train = round(S·f_train)``, ``val = round(S·f_val)``, test gets the rest.
+    """
+    f_train, f_val, _ = (float(f) for f in fractions)
+    n_train = int(round(num_steps * f_train))
+    n_val = int(round(num_steps * f_val))
+    n_train = min(n_train, num_steps)
+    n_val = min(n_val, num_steps - n_train)
+    return (0, n_train), (n_train, n_train + n_val), (n_train + n_val, num_steps)
+
+
+def window_starts(start: int, stop: int, input_len: int, output_len: int, stride: int = 1,
+                  max_windows: int | None = None) -> np.ndarray:
+    """Start indices of the windows inside ``[start, stop)``: window ``s`` reads inputs
+    ``[s, s+input_len)`` and targets ``[s+input_len, s+input_len+output_len)``, all ``< stop``.
+
+    Count: ``floor((stop-start-input_len-output_len)/stride) + 1`` (0 if the part is too short).
+    ``max_windows`` keeps that many, evenly spaced over the part (deterministic).
+    """
+    last = stop - input_len - output_len
+    if last < start:
+        return np.zeros(0, dtype=np.int64)
+    starts = np.arange(start, last + 1, stride, dtype=np.int64)
+    if max_windows is not None and starts.size > max_windows:
+        keep = np.unique(np.linspace(0, starts.size - 1, max_windows).round().astype(np.int64))
+        starts = starts[keep]
+    return starts
+
+
+def forward_fill(values: np.ndarray) -> np.ndarray:
+    """Forward-fill NaNs along axis 0 of ``values [S, F]``; leading NaNs stay NaN."""
+    valid = ~np.isnan(values)
+    idx = np.where(valid, np.arange(values.shape[0])[:, None], 0)
+    np.maximum.accumulate(idx, axis=0, out=idx)
+    filled = np.take_along_axis(values, idx, axis=0)
+    return filled  # rows before a column's first observation read row 0, which is NaN there
+
+
+# -- one client's tensors ---------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ClientSeries:
+    """One client's raw series on the common time axis.
+
+    Attributes:
+        inputs: ``[S, F]`` float, NaN = missing.
+        normalize: ``[F]`` bool: z-score this input feature (False for bounded extras such as time
+            of day or wind-direction sin/cos).
+        targets: ``[S, T]`` float, NaN = missing (raw units).
+        input_names, target_names: for reports.
+        zero_is_missing: ``[F]`` bool for inputs and ``[T]`` for targets: treat 0 as missing too.
+    """
+
+    inputs: np.ndarray
+    normalize: np.ndarray
+    targets: np.ndarray
+    input_names: tuple[str, ...]
+    target_names: tuple[str, ...]
+    input_zero_is_missing: np.ndarray | None = None
+    target_zero_is_missing: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class PreparedClient:
+    data: ClientData
+    input_mean: np.ndarray
+    input_std: np.ndarray
+    target_mean: np.ndarray
+    target_std: np.ndarray
+    input_names: tuple[str, ...]
+
+
+def _with_missing(values: np.ndarray, zero_is_missing: np.ndarray | None) -> np.ndarray:
+    values = np.asarray(values, dtype=np.float64).copy()
+    values[~np.isfinite(values)] = np.nan
+    if zero_is_missing is not None and np.any(zero_is_missing):
+        cols = np.asarray(zero_is_missing, dtype=bool)
+        sub = values[:, cols]
+        sub[sub == 0] = np.nan
+        values[:, cols] = sub
+    return values
+
+
+def _train_stats(values: np.ndarray, train: tuple[int, int], names: Sequence[str], what: str) -> tuple[np.ndarray, np.ndarray]:
+    part = values[train[0]:train[1]]
+    observed = (~np.isnan(part)).sum(0)
+    if np.any(observed == 0):
+        bad = [names[i] for i in np.flatnonzero(observed == 0)]
+        raise ForecastDataError(f"{what} {bad} has no observed value in the training period")
+    mean = np.nanmean(part, axis=0)
+    std = np.nanstd(part, axis=0)
+    std = np.where(std < _STD_FLOOR, 1.0, std)
+    return mean, std
+
+
+def prepare_client(series: ClientSeries, bounds: Sequence[tuple[int, int]], input_len: int, output_len: int,
+                   stride: int = 1, max_windows: int | None = None) -> PreparedClient:
+    """Windows, normalises and masks one client's series (see the module docstring).
+
+    ``bounds``: ``(start, stop)`` of train, val, test on the series' time axis (:func:`split_bounds`).
+    """
+    inputs = _with_missing(series.inputs, series.input_zero_is_missing)
+    targets = _with_missing(series.targets, series.target_zero_is_missing)
+    train = bounds[0]
+    normalize = np.asarray(series.normalize, dtype=bool)
+
+    in_mean, in_std = _train_stats(inputs, train, series.input_names, "input feature")
+    in_mean = np.where(normalize, in_mean, 0.0)
+    in_std = np.where(normalize, in_std, 1.0)
+    t_mean, t_std = _train_stats(targets, train, series.target_names, "target")
+
+    # Inputs: forward-fill (causal), then the leading gap gets the train mean (0 once z-scored;
+    # 0 for the bounded features).
+    x = (forward_fill(inputs) - in_mean) / in_std
+    x = np.nan_to_num(x, nan=0.0).astype(np.float32)
+    observed = ~np.isnan(targets)
+    y = np.where(observed, (np.nan_to_num(targets) - t_mean) / t_std, 0.0).astype(np.float32)
+    m = observed.astype(np.float32)
+    scale = np.stack([t_std, t_mean]).astype(np.float32)  # [2, T]
+
+    in_off = np.arange(input_len)
+    out_off = np.arange(input_len, input_len + output_len)
+
+    def split(start: int, stop: int) -> tuple[Tensor, ...]:
+        s = window_starts(start, stop, input_len, output_len, stride, max_windows)
+        yi = s[:, None] + out_off  # numpy fancy indexing: ~10x faster than torch's for this
+        parts = (x[s[:, None] + in_off], y[yi], m[yi], np.broadcast_to(scale, (s.size, *scale.shape)))
+        return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in parts)
+
+    data = ClientData(*(split(*b) for b in bounds))
+    return PreparedClient(data, in_mean, in_std, t_mean, t_std, tuple(series.input_names))
+
+
+def validate_split_options(num_steps: int, bounds, input_len: int, output_len: int, what: str) -> None:
+    """Error (naming the options to change) when a split is too short for one window."""
+    need = input_len + output_len
+    for name, (start, stop) in zip(("train", "val", "test"), bounds):
+        if stop - start < need:
+            raise ValueError(
+                f"{what}: the {name} part has {stop - start} of {num_steps} time steps, fewer than "
+                f"input_len + output_len = {need}; use more data (max_steps) or shorter windows"
+            )
+
+
+# -- loss and metrics (vmap-safe) --------------------------------------------------------------
+
+def forecast_loss(output: Tensor, y: Tensor, mask: Tensor, scale: Tensor | None = None) -> Tensor:
+    """Masked MSE on z-scored values: Σ mask·(output−y)² / max(Σ mask, 1). ``output``, ``y``,
+    ``mask`` ``[B, output_len, T]``; ``scale`` is unused (accepted so the engines can pass every
+    target tensor)."""
+    sq = (output - y).square() * mask
+    return sq.sum() / mask.sum().clamp_min(1.0)
+
+
+def forecast_metrics(output: Tensor, y: Tensor, mask: Tensor, scale: Tensor,
+                     horizons: Sequence[int] = HORIZONS) -> dict[str, Tensor]:
+    """Sums over the batch in original units (de-normalised with ``scale [B, 2, T]`` = (std,
+    mean)): ``abs_err``, ``sq_err``, ``count``, ``ape``/``ape_count`` (targets ≠ 0 only), ``zsq_err``
+    (z-scored squared error, for ``loss``), and each of these per horizon (suffix ``_h3`` …)."""
+    output = output.detach()
+    std, mean = scale[:, 0:1, :], scale[:, 1:2, :]
+    pred = output * std + mean
+    true = y * std + mean
+    err = (pred - true) * mask
+    abs_err = err.abs()
+    sq_err = err.square()
+    zsq = (output - y).square() * mask
+    nonzero = mask * (true.abs() > 1e-6).to(mask.dtype)
+    ape = torch.where(nonzero > 0, abs_err / torch.where(nonzero > 0, true.abs(), torch.ones_like(true)),
+                      torch.zeros_like(true))
+
+    def sums(sl) -> dict[str, Tensor]:
+        return {
+            "abs_err": abs_err[:, sl].sum(), "sq_err": sq_err[:, sl].sum(), "count": mask[:, sl].sum(),
+            "ape": ape[:, sl].sum(), "ape_count": nonzero[:, sl].sum(),
+        }
+
+    out = sums(slice(None))
+    out["zsq_err"] = zsq.sum()
+    for h in horizons:
+        if h <= output.shape[1]:
+            out.update({f"{k}_h{h}": v for k, v in sums(slice(h - 1, h)).items()})
+    return out
+
+
+def forecast_finalize(sums: Mapping[str, float], horizons: Sequence[int] = HORIZONS) -> dict[str, float]:
+    """``mae``, ``rmse``, ``mse``, ``mape`` (fraction), ``loss`` (z-scored MSE) and per-horizon
+    ``mae_h{h}``/``rmse_h{h}``/``mse_h{h}``/``mape_h{h}`` for the horizons present in ``sums``.
+    NaN when nothing was observed."""
+
+    def ratio(num: str, den: str) -> float:
+        d = float(sums[den])
+        return float(sums[num]) / d if d > 0 else float("nan")
+
+    def block(suffix: str) -> dict[str, float]:
+        mse = ratio("sq_err" + suffix, "count" + suffix)
+        return {
+            "mae" + suffix: ratio("abs_err" + suffix, "count" + suffix),
+            "rmse" + suffix: math.sqrt(mse) if mse == mse else mse,
+            "mse" + suffix: mse,
+            "mape" + suffix: ratio("ape" + suffix, "ape_count" + suffix),
+        }
+
+    result = block("")
+    result["loss"] = ratio("zsq_err", "count")
+    for h in horizons:
+        if f"count_h{h}" in sums:
+            result.update(block(f"_h{h}"))
+    return result
+
+
+# -- graphs ---------------------------------------------------------------------------------------
+
+def symmetrize_adjacency(adj: np.ndarray | Tensor) -> Tensor:
+    """``max(A, Aᵀ)`` with a zero diagonal, float32."""
+    a = torch.as_tensor(np.asarray(adj, dtype=np.float32))
+    a = torch.maximum(a, a.T)
+    return a.fill_diagonal_(0.0)
+
+
+def haversine_km(coords: np.ndarray) -> np.ndarray:
+    """Pairwise great-circle distances (km) of ``coords [N, 2]`` = (latitude, longitude) in
+    degrees."""
+    lat, lon = np.radians(coords[:, 0]), np.radians(coords[:, 1])
+    dlat = lat[:, None] - lat[None, :]
+    dlon = lon[:, None] - lon[None, :]
+    a = np.sin(dlat / 2) ** 2 + np.cos(lat[:, None]) * np.cos(lat[None, :]) * np.sin(dlon / 2) ** 2
+    return 2 * 6371.0088 * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
+
+
+def knn_adjacency(dist: np.ndarray, k: int) -> Tensor:
+    """Unweighted kNN graph from a distance matrix: each node links to its ``k`` nearest others
+    (ties by index), symmetrised with ``max(A, Aᵀ)``, zero diagonal. ``k ≥ N-1`` → complete."""
+    n = dist.shape[0]
+    d = np.array(dist, dtype=np.float64)
+    np.fill_diagonal(d, np.inf)
+    k = min(int(k), n - 1)
+    adj = np.zeros((n, n), dtype=np.float32)
+    if k > 0:
+        nearest = np.argsort(d, axis=1, kind="stable")[:, :k]
+        adj[np.repeat(np.arange(n), k), nearest.ravel()] = 1.0
+    return symmetrize_adjacency(adj)
+
+
+# -- small file readers ---------------------------------------------------------------------------
+
+_MISSING_TOKENS = ("NA", '"NA"', "", '""', "NaN", "nan", "NULL", "null", "N/A")
+
+
+def read_numeric_columns(path: Path, text: str, header: Sequence[str], columns: Sequence[int]) -> np.ndarray:
+    """Parse the data lines ``text`` (no header) of a comma-separated file into ``[rows, len(columns)]``
+    float64; missing tokens (NA, empty, NaN …) → NaN. Errors name ``path``."""
+    body = "\n" + text.replace("\r\n", "\n")
+    if not body.endswith("\n"):
+        body += "\n"
+    for tok in _MISSING_TOKENS:  # str.replace is ~10x faster than a regex here
+        for _ in range(2):  # twice: adjacent tokens share a comma
+            body = body.replace("," + tok + ",", ",nan,")
+        body = body.replace("," + tok + "\n", ",nan\n").replace("\n" + tok + ",", "\nnan,")
+    body = body.strip("\n")
+    if not body:
+        return np.zeros((0, len(columns)))
+    try:
+        return np.loadtxt(io.StringIO(body), delimiter=",", usecols=list(columns), quotechar='"',
+                          dtype=np.float64, ndmin=2, comments=None)
+    except ValueError as exc:
+        names = [header[c] for c in columns]
+        raise ForecastDataError(
+            f"{path}: expected numeric values in columns {names} on every row with {len(header)} "
+            f"comma-separated fields: {exc}"
+        ) from None
+
+
+def read_text(path: Path) -> str:
+    """Whole text of a ``.csv`` or ``.csv.gz`` file; a clear error when missing or unreadable."""
+    import gzip
+
+    path = Path(path)
+    if not path.is_file():
+        raise ForecastDataError(f"{path}: file not found")
+    try:
+        if path.name.endswith(".gz"):
+            with gzip.open(path, "rt", encoding="utf-8-sig", newline="") as fh:
+                return fh.read()
+        return path.read_text(encoding="utf-8-sig")
+    except (OSError, UnicodeDecodeError, EOFError) as exc:
+        raise ForecastDataError(f"{path}: cannot read as UTF-8 text ({exc})") from None
+
+
+def split_header(path: Path, text: str) -> tuple[list[str], str]:
+    """``(header cells, remaining text)`` of a CSV; error when empty."""
+    head, _, body = text.partition("\n")
+    head = head.strip("\r")
+    if not head.strip():
+        raise ForecastDataError(f"{path}: empty file, expected a header row")
+    import csv
+
+    cells = [c.strip() for c in next(csv.reader([head]))]
+    return cells, body
+
+
+# -- the task -----------------------------------------------------------------------------------
+
+class ForecastTask:
+    """A federated forecasting task: one client per sensor/station, each with windowed train /
+    val / test splits ``(x, y, mask, scale)`` (see the module docstring).
+
+    Extra per-client attributes: :meth:`input_sizes`, :meth:`relation_adjacency` (the a-priori
+    graph, aligned with the client order), :meth:`coordinates` (lat/lon), :meth:`client_names`,
+    :meth:`feature_names`; ``window_starts[split]`` holds the start index of every window on the
+    common time axis (the same for all clients).
+    """
+
+    def __init__(self, name: str, prepared: Sequence[PreparedClient], *, target_names: Sequence[str],
+                 input_len: int, output_len: int, model: str, hidden: int, seed: int,
+                 adjacency: Tensor | None, coordinates: np.ndarray | None, client_names: Sequence[str],
+                 window_starts: Mapping[str, np.ndarray], bounds, num_steps: int):
+        if model not in FORECAST_MODELS:
+            raise ValueError(f"task option model={model!r} is not allowed; choose one of {', '.join(FORECAST_MODELS)}")
+        self.name = name
+        self._prepared = list(prepared)
+        self._clients = [p.data for p in self._prepared]
+        self.num_clients = len(self._clients)
+        self.target_names = tuple(target_names)
+        self.input_len, self.output_len = int(input_len), int(output_len)
+        self.model_name, self.hidden, self.seed = model, int(hidden), int(seed)
+        self.horizons = tuple(h for h in HORIZONS if h <= self.output_len)
+        self._adjacency = adjacency
+        self._coordinates = None if coordinates is None else np.asarray(coordinates, dtype=np.float64)
+        self._client_names = list(client_names)
+        self.window_starts = dict(window_starts)
+        self.bounds = tuple(bounds)
+        self.num_steps = int(num_steps)
+
+    # -- Task protocol ------------------------------------------------------------------------
+
+    def client_data(self, client: int) -> ClientData:
+        if not 0 <= client < self.num_clients:
+            raise IndexError(f"client {client} out of range [0, {self.num_clients})")
+        return self._clients[client]
+
+    def input_sizes(self) -> list[int]:
+        """Number of input features of every client (they differ when stations lack variables)."""
+        return [int(c.train[0].shape[-1]) for c in self._clients]
+
+    def make_model(self, client: int | None = None) -> nn.Module:
+        """The forecaster for ``client``'s input size; ``None`` = the shared architecture, which
+        exists only when every client has the same input size. Initial weights depend only on the
+        task seed and the layer (see :func:`tasks.forecast_models.seeded_init_`)."""
+        sizes = self.input_sizes()
+        if client is None:
+            if len(set(sizes)) > 1:
+                raise ValueError(
+                    f"task {self.name!r}: clients have different input sizes {sorted(set(sizes))}, so there is no "
+                    "single shared model; use method \"decoupled\" (personal input_proj layer per client) or "
+                    "give every client the same input variables"
+                )
+            in_features = sizes[0]
+        else:
+            if not 0 <= client < self.num_clients:
+                raise IndexError(f"client {client} out of range [0, {self.num_clients})")
+            in_features = sizes[client]
+        return make_forecaster(self.model_name, in_features, self.input_len, len(self.target_names),
+                               self.output_len, self.hidden, seed=self.seed)
+
+    def loss(self, output: Tensor, *targets: Tensor) -> Tensor:
+        return forecast_loss(output, *targets)
+
+    def metrics(self, output: Tensor, *targets: Tensor) -> dict[str, Tensor]:
+        return forecast_metrics(output, *targets, horizons=self.horizons)
+
+    def finalize(self, sums: Mapping[str, float]) -> dict[str, float]:
+        return forecast_finalize(sums, self.horizons)
+
+    # -- per-client attributes ------------------------------------------------------------------
+
+    def relation_adjacency(self) -> Tensor | None:
+        """The a-priori client graph ``[N, N]`` (dense, symmetric, zero diagonal, client order)."""
+        return None if self._adjacency is None else self._adjacency.clone()
+
+    def coordinates(self) -> np.ndarray | None:
+        """``[N, 2]`` (latitude, longitude) in degrees, client order; ``None`` if unknown."""
+        return None if self._coordinates is None else self._coordinates.copy()
+
+    def client_names(self) -> list[str]:
+        return list(self._client_names)
+
+    def feature_names(self, client: int) -> tuple[str, ...]:
+        return self._prepared[client].input_names
+
+    def normalization(self, client: int) -> dict[str, np.ndarray]:
+        """The client's train-period statistics: input/target mean and std."""
+        p = self._prepared[client]
+        return {"input_mean": p.input_mean, "input_std": p.input_std,
+                "target_mean": p.target_mean, "target_std": p.target_std}
+
+    def __repr__(self) -> str:
+        sizes = sorted(set(self.input_sizes()))
+        n = [c.num_train for c in self._clients]
+        return (f"ForecastTask({self.name!r}, clients={self.num_clients}, steps={self.num_steps}, "
+                f"input_len={self.input_len}, output_len={self.output_len}, input_sizes={sizes}, "
+                f"targets={list(self.target_names)}, train windows/client={min(n)}..{max(n)})")
+
+
+def build_task(name: str, series: Sequence[ClientSeries], *, num_steps: int, fractions, input_len: int,
+               output_len: int, stride: int, max_windows: int | None, model: str, hidden: int, seed: int,
+               adjacency: Tensor | None, coordinates: np.ndarray | None, client_names: Sequence[str]) -> ForecastTask:
+    """Split the common time axis, prepare every client, and wrap them in a :class:`ForecastTask`."""
+    bounds = split_bounds(num_steps, fractions)
+    validate_split_options(num_steps, bounds, input_len, output_len, f"task {name!r}")
+    prepared = []
+    for cname, s in zip(client_names, series):
+        try:
+            prepared.append(prepare_client(s, bounds, input_len, output_len, stride, max_windows))
+        except ForecastDataError as exc:
+            raise ForecastDataError(f"task {name!r}, client {cname!r}: {exc}") from None
+    starts = {k: window_starts(*b, input_len, output_len, stride, max_windows)
+              for k, b in zip(("train", "val", "test"), bounds)}
+    return ForecastTask(name, prepared, target_names=series[0].target_names, input_len=input_len,
+                        output_len=output_len, model=model, hidden=hidden, seed=seed, adjacency=adjacency,
+                        coordinates=coordinates, client_names=client_names, window_starts=starts,
+                        bounds=bounds, num_steps=num_steps)
+
+
+# -- option validation helpers (shared by TrafficOptions / WeatherOptions) -----------------------
+
+def _is_int(value) -> bool:
+    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def check_int(options, key: str, low: int, allow_none: bool = False) -> None:
+    value = getattr(options, key)
+    if value is None and allow_none:
+        return
+    if not _is_int(value) or value < low:
+        raise ValueError(f"task option {key}={value!r} must be an integer >= {low}" + (" or omitted" if allow_none else ""))
+
+
+def check_choice(options, key: str, allowed: Sequence[str]) -> None:
+    value = getattr(options, key)
+    if value not in allowed:
+        raise ValueError(f"task option {key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
+
+
+def check_path(options, key: str) -> None:
+    value = getattr(options, key)
+    if value is not None and not isinstance(value, (str, Path)):
+        raise ValueError(f"task option {key}={value!r} must be a path string or omitted")
+
+
+def check_fractions(options) -> None:
+    values = []
+    for key in ("train_fraction", "val_fraction", "test_fraction"):
+        v = getattr(options, key)
+        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0 < v < 1):
+            raise ValueError(f"task option {key}={v!r} must be a number in (0, 1)")
+        values.append(float(v))
+    if abs(sum(values) - 1.0) > 1e-6:
+        raise ValueError(
+            f"task options train_fraction + val_fraction + test_fraction must sum to 1, got "
+            f"{values[0]} + {values[1]} + {values[2]} = {sum(values):.6g}"
+        )
+
+
+def require_data_dir(options, task: str) -> Path:
+    if options is None or options.data_dir is None:
+        raise ValueError(f"task {task!r} needs the option data_dir (folder with the data files); it is not set")
+    path = Path(options.data_dir).expanduser()
+    if not path.is_dir():
+        raise ForecastDataError(f"task {task!r}: data_dir {str(path)!r} is not a directory")
+    return path
