@@ -111,7 +111,8 @@ class ClassificationOptions:
             if value is None and allow_none:
                 return
             if not _is_int(value) or value < low:
-                raise ValueError(f"task option {key}={value!r} must be an integer >= {low}" + (" or omitted" if allow_none else ""))
+                tail = " or omitted" if allow_none else ""
+                raise ValueError(f"task option {key}={value!r} must be an integer >= {low}{tail}")
 
         choice("dataset", DATASETS, allow_none=True)
         choice("data_format", DATA_FORMATS)
@@ -217,7 +218,9 @@ class ClassificationTask:
     def _partition(self, y_train, y_val, y_test, rng) -> Partition:
         o, labels = self.options, (y_train, y_val, y_test)
         if o.partition == "pathological":
-            return pathological_partition(*labels, o.num_clients, self.classes_per_client, rng, num_classes=self.num_classes)
+            return pathological_partition(
+                *labels, o.num_clients, self.classes_per_client, rng, num_classes=self.num_classes
+            )
         if o.partition == "clustered":
             return clustered_partition(
                 *labels, o.num_clients, o.num_groups, self.classes_per_client, rng, num_classes=self.num_classes

@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 from typing import Sequence
 
-import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
 
