@@ -18,6 +18,7 @@ class Entry:
     factory: Callable[..., Any]
     options: type | None
     doc: str = ""
+    meta: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -27,11 +28,14 @@ class Registry(Generic[F]):
     kind: str
     _entries: dict[str, Entry] = field(default_factory=dict)
 
-    def register(self, name: str, options: type | None = None, *, replace: bool = False) -> Callable[[F], F]:
+    def register(self, name: str, options: type | None = None, *, replace: bool = False, **meta: Any) -> Callable[[F], F]:
+        """Decorator registering ``factory`` under ``name``; ``meta`` holds flags such as
+        ``needs_graph=True``."""
+
         def decorate(factory: F) -> F:
             if name in self._entries and not replace:
                 raise ValueError(f"{self.kind} {name!r} is already registered (pass replace=True to override)")
-            self._entries[name] = Entry(name, factory, options, (factory.__doc__ or "").strip())
+            self._entries[name] = Entry(name, factory, options, (factory.__doc__ or "").strip(), dict(meta))
             return factory
 
         return decorate

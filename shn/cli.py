@@ -1,0 +1,135 @@
+"""The ``shn`` command line.
+
+    shn run CONFIG [--set KEY=VALUE]... [--out DIR] [--resume]
+    shn pipeline CONFIG [...]         three-stage SHN: pFedHN → graph from embeddings → SHN
+    shn sweep CONFIG --trials N --storage URL [--workers W] [--study NAME]
+    shn suite SUITE.toml              every (method, task, seed) of a comparison, resumable
+    shn report RUN_DIR... [--out DIR] tables and plots from recorded metrics
+
+User errors (bad config, missing or malformed file) end in one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import Sequence
+
+
+class UserError(Exception):
+    """Raised for errors a user can fix; printed as one line, exit code 2."""
+
+
+def default_run_dir(config_path: str | Path, method: str, task: str, seed: int) -> Path:
+    return Path("runs") / Path(config_path).stem / f"{method}-{task}-seed{seed}"
+
+
+def _add_run_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("config", help="TOML config file")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set server.lr=0.01 (repeatable)")
+    p.add_argument("--out", help="run directory (default runs/<config>/<method>-<task>-seed<seed>)")
+    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar")
+
+
+def _cmd_run(args: argparse.Namespace, pipeline: bool = False) -> int:
+    from shn.config import load_config
+    from shn.runner import run
+
+    config = load_config(args.config, args.overrides)
+    run_dir = Path(args.out) if args.out else default_run_dir(args.config, config.method, config.task.name, config.seed)
+    if pipeline:
+        from shn.pipeline import run_pipeline
+
+        result = run_pipeline(config, run_dir=run_dir, resume=args.resume, progress=not args.no_progress)
+    else:
+        result = run(config, run_dir=run_dir, resume=args.resume, progress=not args.no_progress)
+    metrics = {k: round(v, 4) for k, v in result.summary["metrics"].items() if k.startswith(("test_", "val_"))}
+    print(json.dumps({"run_dir": str(run_dir), "method": config.method, "task": config.task.name, **metrics}))
+    return 0
+
+
+def _cmd_sweep(args: argparse.Namespace) -> int:
+    from shn.sweep import sweep
+
+    best = sweep(args.config, trials=args.trials, storage=args.storage, workers=args.workers, study_name=args.study,
+                 overrides=args.overrides, out=args.out)
+    print(json.dumps(best))
+    return 0
+
+
+def _cmd_suite(args: argparse.Namespace) -> int:
+    from shn.suite import run_suite
+
+    run_suite(args.suite, out=args.out, only=args.only, progress=not args.no_progress)
+    return 0
+
+
+def _cmd_report(args: argparse.Namespace) -> int:
+    from shn.report import build_report
+
+    path = build_report(args.run_dirs, out=args.out)
+    print(path)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="shn", description="Personalized FL with sheaf hypernetworks")
+    parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("run", help="run one experiment from a TOML config")
+    _add_run_args(p)
+    p.set_defaults(func=_cmd_run)
+    p = sub.add_parser("pipeline", help="three-stage SHN: pFedHN → graph → SHN")
+    _add_run_args(p)
+    p.set_defaults(func=lambda a: _cmd_run(a, pipeline=True))
+    p = sub.add_parser("sweep", help="optuna hyperparameter sweep over the config's [sweep] table")
+    p.add_argument("config")
+    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--storage", default=None, help="sqlite:///file.db or a journal file path (default: in the out dir)")
+    p.add_argument("--workers", type=int, default=1, help="worker processes sharing the study")
+    p.add_argument("--study", default=None, help="study name (default: the config's stem)")
+    p.add_argument("--out", default=None, help="output directory (default sweeps/<study>)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.set_defaults(func=_cmd_sweep)
+    p = sub.add_parser("suite", help="run every (method, task, seed) of a suite, skipping finished runs")
+    p.add_argument("suite")
+    p.add_argument("--out", default=None)
+    p.add_argument("--only", action="append", default=[], help="run only entries whose name contains this")
+    p.add_argument("--no-progress", action="store_true")
+    p.set_defaults(func=_cmd_suite)
+    p = sub.add_parser("report", help="markdown table + plots from run directories")
+    p.add_argument("run_dirs", nargs="+")
+    p.add_argument("--out", default="report")
+    p.set_defaults(func=_cmd_report)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")
+    from shn.config import ConfigError
+
+    try:
+        from tasks.datasets import DataError
+    except ImportError:  # pragma: no cover
+        DataError = ValueError  # type: ignore[misc,assignment]
+    from shn.federated.records import CheckpointError
+
+    try:
+        return int(args.func(args) or 0)
+    except (ConfigError, DataError, CheckpointError, UserError, FileNotFoundError) as e:
+        print(f"shn: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("shn: interrupted (resume with --resume)", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,188 @@
+"""The in-process engine: all clients in one process, each round's clients trained as a batch."""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from shn.config import RunConfig
+from shn.federated.algorithm import Algorithm
+from shn.federated.client import ClientRuntime
+from shn.federated.records import MetricsLog, atomic_write_text, load_checkpoint, mean_over_clients, save_checkpoint
+from shn.federated.server import ClientSampler, Server, unstack
+from shn.seeding import torch_generator
+
+log = logging.getLogger("shn.simulation")
+
+EvalCallback = Callable[[int, dict[str, Any]], None]
+
+
+@dataclass
+class RoundFaults:
+    """Per-round client faults injected by the engine (dropout), drawn from the run seed."""
+
+    dropout: float = 0.0
+
+    def surviving(self, seed: int, round_: int, clients: list[int]) -> list[int]:
+        if self.dropout <= 0:
+            return clients
+        g = torch_generator(seed, "dropout", round_)
+        alive = torch.rand(len(clients), generator=g) >= self.dropout
+        return [c for c, a in zip(clients, alive.tolist()) if a]
+
+
+@dataclass
+class SimulationResult:
+    history: list[dict[str, Any]]  # one record per evaluation (means over clients)
+    per_client: dict[int, dict[str, float]]  # last evaluation, per client
+    rejected_updates: int
+    failed_clients: int
+    wall_time_s: float
+    rounds_run: int
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+class Simulation:
+    """Runs ``config.rounds`` rounds of ``algorithm`` with ``runtime``'s clients.
+
+    Evaluation every ``eval_every`` rounds (and after the last) on every training client's val
+    and test split with its own personalised weights; a checkpoint every ``checkpoint_every``
+    rounds and at the end (when a run directory is given); ``resume=True`` continues from the
+    last checkpoint and gives exactly the numbers of an uninterrupted run.
+    """
+
+    def __init__(self, config: RunConfig, algorithm: Algorithm, runtime: ClientRuntime, *,
+                 pool: Sequence[int] | None = None, run_dir: Path | None = None, progress: bool = True,
+                 on_eval: EvalCallback | None = None, faults: RoundFaults | None = None,
+                 eval_chunk: int = 64) -> None:
+        self.config = config
+        self.algorithm = algorithm
+        self.runtime = runtime
+        self.server = Server(algorithm, config.validation)
+        self.pool = list(range(runtime.task.num_clients)) if pool is None else [int(c) for c in pool]
+        self.sampler = ClientSampler(config.seed, self.pool, config.clients_per_round)
+        self.run_dir = run_dir
+        self.progress = progress
+        self.on_eval = on_eval
+        self.faults = faults or RoundFaults()
+        self.eval_chunk = eval_chunk
+        self.history: list[dict[str, Any]] = []
+        self.per_client: dict[int, dict[str, float]] = {}
+        self.failed = 0
+        self._train_losses: list[float] = []
+
+    # -- one round -------------------------------------------------------------------------
+    def run_round(self, round_: int) -> dict[str, float]:
+        cfg = self.config
+        sampled = self.sampler.clients(round_)
+        clients = self.faults.surviving(cfg.seed, round_, sampled)
+        self.failed += len(sampled) - len(clients)
+        if not clients:
+            return {"accepted": 0.0, "rejected": 0.0}
+        weights = self.server.weights_for(clients)
+        fit = self.runtime.fit(clients, weights, torch_generator(cfg.seed, "local-training", round_))
+        self._train_losses.append(float(fit.loss.mean()))
+        deltas = unstack(fit.deltas, len(clients))
+        return self.server.receive(round_, clients, deltas, fit.num_examples.tolist())
+
+    def evaluate(self, clients: Sequence[int] | None = None) -> dict[int, dict[str, float]]:
+        clients = self.pool if clients is None else list(clients)
+        out: dict[int, dict[str, float]] = {}
+        for s in range(0, len(clients), self.eval_chunk):
+            chunk = clients[s:s + self.eval_chunk]
+            out.update(self.runtime.evaluate(chunk, self.algorithm.weights_for(chunk)))
+        return out
+
+    # -- the loop --------------------------------------------------------------------------
+    def run(self, resume: bool = False) -> SimulationResult:
+        cfg = self.config
+        start_round, elapsed = 1, 0.0
+        metrics_log = MetricsLog(self.run_dir / "metrics.jsonl") if self.run_dir else None
+        if resume and self.run_dir is not None:
+            state = load_checkpoint(self.run_dir)
+            if state is not None:
+                self._load(state)
+                start_round, elapsed = int(state["round"]) + 1, float(state["elapsed"])
+                log.info("resuming %s from round %d", self.run_dir, start_round)
+        if metrics_log is not None:
+            metrics_log.reset(self.history)
+        t0 = time.perf_counter() - elapsed
+        bar = _progress(cfg.rounds, start_round - 1, self.progress, f"{cfg.method}/{cfg.task.name}")
+        for r in range(start_round, cfg.rounds + 1):
+            self.run_round(r)
+            bar.update(1)
+            if r % cfg.eval_every == 0 or r == cfg.rounds:
+                record = self._evaluate_round(r, time.perf_counter() - t0)
+                if metrics_log is not None:
+                    metrics_log.append(record)
+                bar.set_postfix_str(_short(record))
+                if self.on_eval is not None:
+                    self.on_eval(r, record)
+            if self.run_dir is not None and (
+                (cfg.checkpoint_every and r % cfg.checkpoint_every == 0) or r == cfg.rounds
+            ):
+                save_checkpoint(self.run_dir, self._state(r, time.perf_counter() - t0))
+        bar.close()
+        return SimulationResult(self.history, self.per_client, self.server.rejections.count(), self.failed,
+                                time.perf_counter() - t0, cfg.rounds)
+
+    def _evaluate_round(self, r: int, elapsed: float) -> dict[str, Any]:
+        self.per_client = self.evaluate()
+        record: dict[str, Any] = {"round": r, **mean_over_clients(self.per_client)}
+        if self._train_losses:
+            record["train_loss"] = sum(self._train_losses) / len(self._train_losses)
+        self._train_losses = []
+        record["rejected_updates"] = self.server.rejections.count()
+        record["failed_clients"] = self.failed
+        record["elapsed_s"] = round(elapsed, 3)
+        self.history.append(record)
+        return record
+
+    def _state(self, r: int, elapsed: float) -> dict[str, Any]:
+        return {
+            "round": r, "elapsed": elapsed, "algorithm": self.algorithm.state_dict(),
+            "personal": self.runtime.personal.state_dict(), "rejections": self.server.rejections.state_dict(),
+            "history": self.history, "per_client": self.per_client, "failed": self.failed,
+            "train_losses": self._train_losses,
+        }
+
+    def _load(self, state: dict[str, Any]) -> None:
+        self.algorithm.load_state_dict(state["algorithm"])
+        self.runtime.personal.load_state_dict(state["personal"])
+        self.server.rejections.load_state_dict(state["rejections"])
+        self.history = list(state["history"])
+        self.per_client = {int(k): v for k, v in state["per_client"].items()}
+        self.failed = int(state["failed"])
+        self._train_losses = list(state["train_losses"])
+
+
+def _short(record: dict[str, Any]) -> str:
+    keys = [k for k in record if k.startswith("val_") and not k.endswith("loss")][:1]
+    keys += [k for k in record if k.startswith("test_") and not k.endswith("loss")][:1]
+    return " ".join(f"{k}={record[k]:.4f}" for k in keys)
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+
+    def set_postfix_str(self, s: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _progress(total: int, initial: int, enabled: bool, desc: str):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, initial=initial, desc=desc, unit="round", dynamic_ncols=True)
+
+
+def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
+    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")

@@ -1,0 +1,97 @@
+"""What a method factory receives, and the shared building blocks methods compose.
+
+A method is registered with ``@register_method(name, OptionsDataclass)`` on a factory
+``factory(ctx: MethodContext) -> Algorithm``. Everything a method may need (task, target
+template and spec, seeded initial weights, client graph, device, config) comes from ``ctx``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import torch
+from torch import nn
+
+from shn.config import RunConfig
+from shn.hypernetwork import Encoder, HyperNetwork, IdentityEncoder, default_embed_dim
+from shn.registry import ENCODERS, METHODS
+from shn.seeding import seeded_init
+from shn.target import Params, ParamSpec, module_params
+from tasks.base import Task
+
+
+@dataclass
+class MethodContext:
+    config: RunConfig
+    task: Task
+    template: nn.Module  # the target architecture (initialised, on ``device``)
+    device: torch.device
+    # the client graph (a shn.graph.ClientGraph) for graph methods; resolved by the runner
+    graph: Any = None
+    # stage-1 embeddings to warm-start from (three-stage pipeline), [N, e]
+    warm_embeddings: torch.Tensor | None = None
+    # clients excluded from training (novel-client evaluation)
+    held_out: tuple[int, ...] = ()
+    extras: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def spec(self) -> ParamSpec:
+        return ParamSpec.from_module(self.template)
+
+    @property
+    def initial(self) -> Params:
+        return module_params(self.template)
+
+    @property
+    def options(self) -> Any:
+        return self.config.method_options
+
+    @property
+    def seed(self) -> int:
+        return self.config.seed
+
+
+def register_method(name: str, options: type | None = None, *, needs_graph: bool = False,
+                    replace: bool = False) -> Callable:
+    """Register ``factory(ctx: MethodContext) -> Algorithm`` under ``name``; ``options`` is the
+    frozen dataclass of its ``[methods.<name>]`` table; ``needs_graph`` makes the runner resolve a
+    client graph (given, or inferred by the three-stage pipeline) into ``ctx.graph``."""
+    return METHODS.register(name, options, replace=replace, needs_graph=needs_graph)
+
+
+def available_methods() -> list[str]:
+    return METHODS.names()
+
+
+def register_encoder(name: str, *, replace: bool = False) -> Callable:
+    """Register ``factory(in_dim: int, config: EncoderConfig) -> Encoder`` under ``name``."""
+    return ENCODERS.register(name, None, replace=replace)
+
+
+@register_encoder("identity")
+def _identity_encoder(in_dim: int, config: Any) -> Encoder:
+    return IdentityEncoder(in_dim)
+
+
+def build_hypernetwork(ctx: MethodContext, encoder: str) -> HyperNetwork:
+    """The shared hypernetwork of every HN method; methods differ only in ``encoder`` (unless
+    ``encoder.kind`` in the config names another registered encoder). Initialised from the
+    run seed; embeddings warm-started from stage 1 when the pipeline provides them."""
+    cfg = ctx.config
+    name = cfg.encoder.kind or encoder
+    n = ctx.task.num_clients
+    embed_dim = cfg.hypernetwork.embed_dim
+    if ctx.warm_embeddings is not None:
+        embed_dim = int(ctx.warm_embeddings.shape[1])
+    with seeded_init(cfg.seed, "hypernetwork"):
+        e = embed_dim or default_embed_dim(n)
+        enc = ENCODERS.get(name).factory(e, cfg.encoder)
+        if not isinstance(enc, Encoder):
+            raise TypeError(f"encoder {name!r} returned {type(enc).__name__}, expected a shn.hypernetwork.Encoder")
+        hn = HyperNetwork(ctx.spec, n, e, enc, cfg.hypernetwork.hidden, cfg.hypernetwork.n_hidden,
+                          cfg.hypernetwork.spectral_norm)
+    if ctx.warm_embeddings is not None:
+        with torch.no_grad():
+            hn.embeddings.weight.copy_(ctx.warm_embeddings)
+    return hn.to(ctx.device)

@@ -1,0 +1,197 @@
+"""``run(config)``: what ``shn run`` does, from Python. Builds the task, the method and the
+engine from a ``RunConfig``, runs it, and writes the run directory."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Sequence
+
+import torch
+
+from shn.config import ConfigError, RunConfig, config_to_dict, dumps_toml, load_config
+from shn.federated.algorithm import Algorithm
+from shn.federated.client import ClientRuntime, PersonalStore
+from shn.federated.local import ClientStore, LocalTrainer
+from shn.federated.records import atomic_write_text, read_jsonl
+from shn.federated.simulation import EvalCallback, Simulation, write_summary
+from shn.methods import MethodContext
+from shn.registry import METHODS, TASKS
+from shn.seeding import seeded_init
+from tasks.base import Task
+
+
+@dataclass
+class RunResult:
+    """What a run returns: the summary (as in ``summary.json``), one record per evaluation,
+    each client's final metrics, and the trained server state."""
+
+    config: RunConfig
+    summary: dict[str, Any]
+    history: list[dict[str, Any]]
+    per_client: dict[int, dict[str, float]]
+    run_dir: Path | None = None
+    algorithm: Algorithm | None = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        return self.summary["metrics"]
+
+
+@dataclass
+class Built:
+    """Everything a run is made of (engines compose these)."""
+
+    config: RunConfig
+    task: Task
+    context: MethodContext
+    algorithm: Algorithm
+    runtime: ClientRuntime
+
+
+def make_task(config: RunConfig) -> Task:
+    entry = TASKS.get(config.task.name)
+    return entry.factory(config.task.options, seed=config.seed)
+
+
+def make_template(task: Task, seed: int, device: torch.device, client: int | None = None) -> torch.nn.Module:
+    with seeded_init(seed, "target-init"):
+        return task.make_model(client).to(device)
+
+
+def build(config: RunConfig, *, task: Task | None = None, graph: Any = None,
+          warm_embeddings: torch.Tensor | None = None, held_out: Sequence[int] = (),
+          store_clients: Sequence[int] | None = None) -> Built:
+    """Build task, method and client runtime for ``config`` (no training yet)."""
+    device = torch.device(config.device)
+    task = task if task is not None else make_task(config)
+    _check_task(task, config)
+    template = make_template(task, config.seed, device)
+    ctx = MethodContext(config, task, template, device, graph=graph, warm_embeddings=warm_embeddings,
+                        held_out=tuple(held_out))
+    entry = METHODS.get(config.method)
+    if entry.meta.get("needs_graph") and ctx.graph is None:
+        from shn.graphs_runtime import resolve_graph
+
+        ctx.graph = resolve_graph(config, task, held_out)
+    algorithm = entry.factory(ctx)
+    trainer = LocalTrainer(template, task.loss, config.local)
+    store = ClientStore.from_task(task, store_clients, device)
+    runtime = ClientRuntime(task, trainer, store, PersonalStore(algorithm.initial_personal()))
+    return Built(config, task, ctx, algorithm, runtime)
+
+
+def _check_task(task: Task, config: RunConfig) -> None:
+    if not isinstance(task, Task):
+        raise TypeError(f"{type(task).__name__} does not implement the tasks.base.Task protocol")
+    if task.num_clients < 1:
+        raise ValueError(f"task {task.name!r} has no clients")
+    if config.clients_per_round > task.num_clients:
+        raise ConfigError(
+            f"clients_per_round: {config.clients_per_round} is more than the task's {task.num_clients} clients"
+        )
+
+
+def primary_metric(task: Task) -> tuple[str, str]:
+    """(metric name, "max" | "min") used for model selection on the validation split."""
+    return getattr(task, "primary_metric", ("accuracy", "max"))
+
+
+def run(config: RunConfig, *, task: Task | None = None, run_dir: str | Path | None = None, resume: bool = False,
+        progress: bool = True, on_eval: EvalCallback | None = None, **build_kwargs: Any) -> RunResult:
+    """Run one federated experiment in-process; write ``run_dir`` when given."""
+    entry = METHODS.get(config.method)
+    if entry.meta.get("needs_graph") and build_kwargs.get("graph") is None and config.graph.kind in INFERRED_GRAPHS:
+        from shn.pipeline import run_pipeline
+
+        return run_pipeline(config, task=task, run_dir=run_dir, resume=resume, progress=progress, on_eval=on_eval)
+    built = build(config, task=task, **build_kwargs)
+    return execute(built, run_dir=run_dir, resume=resume, progress=progress, on_eval=on_eval)
+
+
+INFERRED_GRAPHS = ("knn", "threshold", "learned")
+
+
+def execute(built: Built, *, run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
+            on_eval: EvalCallback | None = None, pool: Sequence[int] | None = None) -> RunResult:
+    config = built.config
+    run_path = Path(run_dir) if run_dir is not None else None
+    if run_path is not None:
+        run_path.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(run_path / "config.toml", dumps_toml(config_to_dict(config)))
+    held = set(built.context.held_out)
+    pool = [c for c in range(built.task.num_clients) if c not in held] if pool is None else list(pool)
+    sim = Simulation(config, built.algorithm, built.runtime, pool=pool, run_dir=run_path, progress=progress,
+                     on_eval=on_eval, faults=built.context.extras.get("faults"))
+    t0 = time.perf_counter()
+    result = sim.run(resume=resume)
+    summary = make_summary(config, built.task, result.history, result.per_client, result.rejected_updates,
+                           result.failed_clients, result.wall_time_s)
+    out = RunResult(config, summary, result.history, result.per_client, run_path, built.algorithm,
+                    {"simulation": sim, "built": built, "elapsed": time.perf_counter() - t0})
+    for hook in built.context.extras.get("after_training", []):
+        summary.update(hook(out))
+    if run_path is not None:
+        write_summary(run_path, summary)
+    return out
+
+
+def make_summary(config: RunConfig, task: Task, history: list[dict[str, Any]], per_client: dict[int, dict[str, float]],
+                 rejected: int, failed: int, wall_time: float) -> dict[str, Any]:
+    last = history[-1] if history else {}
+    name, mode = primary_metric(task)
+    key = f"val_{name}"
+    scored = [h for h in history if key in h and math.isfinite(h[key])]
+    best = (max if mode == "max" else min)(scored, key=lambda h: h[key]) if scored else last
+    strip = lambda rec: {k: v for k, v in rec.items() if k not in ("round", "elapsed_s")}  # noqa: E731
+    return {
+        "method": config.method,
+        "task": config.task.name,
+        "seed": config.seed,
+        "rounds": config.rounds,
+        "num_clients": task.num_clients,
+        "primary_metric": f"test_{name}",
+        "metrics": strip(last),
+        "best_val": {"round": best.get("round"), "metrics": strip(best)},
+        "per_client": {str(c): {k: v for k, v in row.items() if k.startswith("test_")} for c, row in sorted(per_client.items())},
+        "rejected_updates": rejected,
+        "failed_clients": failed,
+        "wall_time_s": round(wall_time, 3),
+    }
+
+
+def run_file(path: str | Path, overrides: Sequence[str] = (), **kwargs: Any) -> RunResult:
+    return run(load_config(path, list(overrides)), **kwargs)
+
+
+def load_run(run_dir: str | Path) -> RunResult:
+    """Read a finished (or checkpointed) run directory back: config, summary, history, and the
+    trained server state rebuilt from the last checkpoint."""
+    from shn.federated.records import load_checkpoint
+
+    run_path = Path(run_dir)
+    cfg_path = run_path / "config.toml"
+    if not cfg_path.is_file():
+        raise FileNotFoundError(f"{cfg_path}: not a shn run directory (no config.toml)")
+    config = load_config(cfg_path)
+    summary = json.loads((run_path / "summary.json").read_text()) if (run_path / "summary.json").is_file() else {}
+    history = read_jsonl(run_path / "metrics.jsonl") if (run_path / "metrics.jsonl").is_file() else []
+    state = load_checkpoint(run_path)
+    algorithm = None
+    per_client: dict[int, dict[str, float]] = {}
+    if state is not None:
+        graph = None
+        graph_file = run_path / "graph.json"
+        if graph_file.is_file():
+            from shn.graph import ClientGraph
+
+            graph = ClientGraph.load(graph_file)
+        built = build(config, graph=graph)
+        built.algorithm.load_state_dict(state["algorithm"])
+        algorithm = built.algorithm
+        per_client = {int(k): v for k, v in state["per_client"].items()}
+    return RunResult(config, summary, history, per_client, run_path, algorithm)
