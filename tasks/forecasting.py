@@ -9,6 +9,9 @@ Data layout of one client split — the ``Split`` tuple the engines pass around:
     mask   [n, output_len, T]  1.0 = observed target, 0.0 = missing
     scale  [n, 2, T]           per-target (std, mean) of the client's TRAIN period, to de-normalise
 
+With regular window starts these tensors are strided views of the client's series (a window
+costs no memory); treat them as read-only.
+
 Pipeline for one client (:func:`prepare_client`), on a series of S time steps:
 
 1. **Split first, window second.** The time axis is cut 70/10/20 (``round`` for train and val,
@@ -198,13 +201,25 @@ def prepare_client(series: ClientSeries, bounds: Sequence[tuple[int, int]], inpu
     m = observed.astype(np.float32)
     scale = np.stack([t_std, t_mean]).astype(np.float32)  # [2, T]
 
+    x_t, y_t, m_t, s_t = (torch.from_numpy(a) for a in (x, y, m, scale))
     in_off = np.arange(input_len)
     out_off = np.arange(input_len, input_len + output_len)
 
     def split(start: int, stop: int) -> tuple[Tensor, ...]:
         s = window_starts(start, stop, input_len, output_len, stride, max_windows)
-        yi = s[:, None] + out_off  # numpy fancy indexing: ~10x faster than torch's for this
-        parts = (x[s[:, None] + in_off], y[yi], m[yi], np.broadcast_to(scale, (s.size, *scale.shape)))
+        n = int(s.size)
+        if n and np.all(np.diff(s) == stride):
+            # Regular starts: strided views of the client's series (no copy: a window costs no
+            # memory, which matters for 30k+ steps). Read-only by convention.
+            first = int(s[0])
+            xi = x_t[first:first + (n - 1) * stride + input_len].unfold(0, input_len, stride).transpose(1, 2)
+            lo = first + input_len
+            yi = y_t[lo:lo + (n - 1) * stride + output_len].unfold(0, output_len, stride).transpose(1, 2)
+            mi = m_t[lo:lo + (n - 1) * stride + output_len].unfold(0, output_len, stride).transpose(1, 2)
+            return xi, yi, mi, s_t.unsqueeze(0).expand(n, -1, -1)
+        # Irregular starts (max_windows subsampling) or none: gather copies.
+        yi = s[:, None] + out_off
+        parts = (x[s[:, None] + in_off], y[yi], m[yi], np.broadcast_to(scale, (n, *scale.shape)))
         return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in parts)
 
     data = ClientData(*(split(*b) for b in bounds))

@@ -257,23 +257,18 @@ def _adjacency_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
     rows = [r for r in csv.reader(read_text(path).splitlines()) if r]
     if not rows:
         raise ForecastDataError(f"{path}: empty adjacency file, expected an N x N matrix")
-    # Which of (no header, no id column), (header + id column), (header), (id column) leaves a
-    # square all-numeric body.
-    for h, c in ((0, 0), (1, 1), (1, 0), (0, 1)):
+    # Which of (no header, no id column), (header + id column), (header) leaves a square
+    # all-numeric body. (Ids may be numbers, so a header is recognised by shape, not content.)
+    for h, c in ((0, 0), (1, 1), (1, 0)):
         body = [r[c:] for r in rows[h:]]
         n = len(body)
-        if n and all(len(r) == n for r in body) and all(_is_float(x) for r in body for x in r):
+        if n and len(rows[0]) - c == n and all(len(r) == n for r in body) and all(_is_float(x) for r in body for x in r):
             matrix = np.array(body, dtype=np.float64)
-            ids = None
-            if h:
-                ids = [_norm_id(x) for x in rows[0][c:]]
-            elif c:
-                ids = [_norm_id(r[0]) for r in rows]
-            return matrix, ids
+            return matrix, ([_norm_id(x) for x in rows[0][c:]] if h else None)
     widths = sorted({len(r) for r in rows})
     raise ForecastDataError(
-        f"{path}: expected a square numeric N x N adjacency (optionally with a header row of sensor ids "
-        f"and/or a first id column); got {len(rows)} rows of {widths} columns"
+        f"{path}: expected a square numeric N x N adjacency (optionally with a header row of sensor ids, "
+        f"or a header row and a first id column); got {len(rows)} rows of {widths} columns"
         + ("" if len(widths) == 1 else " (rows differ in length)")
         + " or non-numeric cells"
     )
