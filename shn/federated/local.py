@@ -42,8 +42,8 @@ class ClientStore:
         empty = [c for c, n in self.sizes.items() if n == 0]
         if empty:
             raise ValueError(f"clients {empty[:10]} have no training samples")
-        first = self.data[self.clients[0]].train
-        same = all(
+        first = self.data[self.clients[0]].train if self.clients else ()
+        same = bool(self.clients) and all(
             len(self.data[c].train) == len(first)
             and all(t.shape[1:] == f.shape[1:] and t.dtype == f.dtype for t, f in zip(self.data[c].train, first))
             for c in self.clients
@@ -114,7 +114,7 @@ class LocalTrainer:
         if mode == "vmap" and store.concat is None:
             raise ValueError("local.mode = 'vmap' needs clients whose data shapes agree; use 'loop' or 'auto'")
         # One draw for every (step, client, sample): both paths see the same minibatches.
-        u = torch.rand(cfg.steps, C, cfg.batch_size, generator=generator, dtype=torch.float64)
+        u = self.minibatch_uniforms(generator, C)
         sizes = store.num_train(clients).to(torch.float64)
         local_idx = (u * sizes[None, :, None]).long().clamp_max_((sizes - 1).long()[None, :, None])
         p = {k: v.detach().clone() for k, v in params.items()}
@@ -132,6 +132,13 @@ class LocalTrainer:
             losses += loss.detach()
             p, buf = sgd_step(p, grads, buf, cfg)
         return LocalResult(p, losses / cfg.steps)
+
+    def minibatch_uniforms(self, generator: torch.Generator, num_clients: int) -> Tensor:
+        """The uniforms behind every minibatch index, ``[steps, C, batch_size]`` float64, drawn once
+        for the round's whole cohort. An engine that trains one client of a larger cohort on its
+        own (``shn.flower``) overrides this to take that client's column of the cohort's draw."""
+        cfg = self.config
+        return torch.rand(cfg.steps, num_clients, cfg.batch_size, generator=generator, dtype=torch.float64)
 
     def _loop_grads(self, p: Params, store: ClientStore, clients: list[int], idx: Tensor) -> tuple[Params, Tensor]:
         per_grad, per_loss = [], []
