@@ -5,6 +5,7 @@
     shn sweep CONFIG --trials N --storage URL [--workers W] [--study NAME]
     shn suite SUITE.toml              every (method, task, seed) of a comparison, resumable
     shn report RUN_DIR... [--out DIR] tables and plots from recorded metrics
+    shn flower simulate CONFIG [--supernodes N] [--set KEY=VALUE]...   the Flower engine (docs/flower.md)
 
 User errors (bad config, missing or malformed file) end in one line on stderr and exit code 2.
 """
@@ -106,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="report")
     p.set_defaults(func=_cmd_report)
+    from shn.flower import add_flower_parser
+
+    add_flower_parser(sub)
     return parser
 
 

@@ -1,0 +1,38 @@
+"""``shn flower ...``: kept apart from the engine so that ``shn --help`` does not import Flower."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+
+def _cmd_simulate(args: argparse.Namespace) -> int:
+    from shn.flower.engine import simulate
+
+    result = simulate(args.config, overrides=args.overrides, supernodes=args.supernodes, run_dir=args.out,
+                      cpus_per_client=args.cpus_per_client, verbose=args.flower_verbose)
+    metrics = {k: round(v, 4) for k, v in result.summary["metrics"].items() if k.startswith(("test_", "val_"))}
+    print(json.dumps({"run_dir": str(result.run_dir), "method": result.config.method,
+                      "task": result.config.task.name, "failed_clients": result.summary["failed_clients"],
+                      "rejected_updates": result.summary["rejected_updates"], **metrics}))
+    return 0
+
+
+def add_flower_parser(sub: Any) -> None:
+    """``shn flower simulate CONFIG [--supernodes N] [--set KEY=VALUE]... [--out DIR]``.
+
+    Deployment (SuperLink + SuperNodes, TLS, node authentication) uses ``flwr run`` on the app in
+    ``flower_app/``; the commands are in docs/flower.md.
+    """
+    p = sub.add_parser("flower", help="run on Flower: simulation here; deployment via flwr run (docs/flower.md)")
+    fsub = p.add_subparsers(dest="flower_command", required=True)
+    s = fsub.add_parser("simulate", help="the Flower app on Flower's Ray simulation backend, in this process")
+    s.add_argument("config", help="TOML config file (as for shn run)")
+    s.add_argument("--supernodes", type=int, default=None, help="simulated SuperNodes (default: the task's clients)")
+    s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set rounds=5 (repeatable)")
+    s.add_argument("--out", default=None, help="run directory (default runs/flower/<method>-<task>-seed<seed>)")
+    s.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per ClientApp (default 1)")
+    s.add_argument("--flower-verbose", action="store_true", help="Flower's verbose logging")
+    s.set_defaults(func=_cmd_simulate)

@@ -1,0 +1,608 @@
+"""The Flower engine: any registered ``shn`` method as a Flower ``ServerApp`` + ``ClientApp``.
+
+Nothing about a method is written here. The ServerApp drives the same ``Algorithm`` /
+``Server`` / ``ClientSampler`` objects as the in-process engine (it *is* a
+:class:`shn.federated.simulation.Simulation` whose round and evaluation go over the grid), and the
+ClientApp runs the same :class:`shn.federated.client.ClientRuntime` over a store that holds only
+its own partition. With the same config and seed, the numbers equal the in-process engine's.
+
+Protocol (Flower Message API, one SuperNode = one client, identity = ``partition-id``):
+
+* ``query``: the server sends the resolved config (TOML text); the client loads its partition
+  (``context.node_config["partition-id"]``, never the random node id) and replies with it.
+* ``train``: per sampled client, its personalised weights (``algorithm.weights_for``) as the
+  ArrayRecord ``"arrays"`` and a ConfigRecord ``"config"`` (round, client, its slot in the round's
+  cohort, cohort size, config text). The client trains with the round's generator
+  (``torch_generator(seed, "local-training", round)``, its column of the cohort's draw) and replies
+  with the ArrayRecord ``"delta"`` (sent − trained) and a MetricRecord ``"metrics"``
+  (``num-examples``, ``train-loss``, ``partition-id``). Replies go through ``Server.receive``:
+  validated exactly as in-process. A client that errors or does not answer within
+  ``round-timeout`` is counted in ``failed_clients``; the round completes with the others.
+* ``evaluate``: every ``eval_every`` rounds, every client gets its weights and replies with its
+  val/test metrics; the record is the mean over clients, as in-process.
+
+Personal tensors (FedPer heads, personal input layers, Local's whole model) live in the node's
+``context.state`` (ArrayRecord ``shn.personal.<client>``) and are never sent.
+
+Run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, ``--run-config``):
+
+==================  =======================================================================
+``config``          TOML run config (as for ``shn run``); relative paths are looked up in the
+                    Flower app directory, then the ServerApp's working directory. "" = defaults.
+``overrides``       space-separated ``KEY=VALUE`` items, exactly like ``shn run --set``
+                    (``"rounds=2 server.lr=0.01 task.num_clients=4"``).
+``num-rounds``      ``rounds`` (0 = the config's).
+``run-dir``         run directory (metrics.jsonl, config.toml, summary.json, checkpoint);
+                    "" = ``runs/flower/<method>-<task>-seed<seed>`` under the ServerApp's cwd.
+``min-nodes``       clients to wait for before round 1 (0 = every client of the task).
+``node-timeout``    seconds to wait for them.
+``round-timeout``   seconds to wait for the replies of one round (or evaluation chunk).
+==================  =======================================================================
+
+Any other key given programmatically (``run_simulation`` defaults, tests) is an override too:
+``"server.lr" = 0.01``; dashes become underscores (``"local.batch-size"``). Flower itself only
+accepts ``--run-config`` keys that the app's pyproject declares, hence ``overrides``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import os
+import shlex
+import time
+import tomllib
+from collections.abc import Iterator, MutableMapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Sequence
+
+import torch
+from torch import Tensor
+
+from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+from flwr.common.logger import log as flwr_log
+from flwr.serverapp import Grid, ServerApp
+from flwr.supercore.run import Run
+from flwr.supercore.task_identity import TaskIdentity  # internal: flwr is pinned to 1.41.x
+
+from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, dumps_toml
+from shn.federated.client import ClientRuntime, PersonalStore
+from shn.federated.local import LocalTrainer
+from shn.federated.records import atomic_write_text
+from shn.federated.simulation import RoundFaults, Simulation, write_summary
+from shn.registry import METHODS
+from shn.runner import INFERRED_GRAPHS, Built, RunResult, build, make_summary, make_task
+from shn.seeding import torch_generator
+
+log = logging.getLogger("shn.flower")
+
+# The keys of [tool.flwr.app.config] (flwr refuses --run-config keys the app does not declare).
+RUN_CONFIG_DEFAULTS: dict[str, Any] = {
+    "config": "",
+    "overrides": "",
+    "num-rounds": 0,
+    "run-dir": "",
+    "min-nodes": 0,
+    "node-timeout": 300.0,
+    "round-timeout": 600.0,
+}
+ENGINE_KEYS = ("run-dir", "min-nodes", "node-timeout", "round-timeout")
+
+PERSONAL_PREFIX = "shn.personal."
+EVAL_CHUNK = 64  # clients per evaluation exchange (the in-process engine's chunk: same numbers)
+
+
+# ----------------------------------------------------------------------------------------------
+# run config -> RunConfig
+
+@dataclass(frozen=True)
+class EngineSettings:
+    run_dir: Path | None = None  # None: runs/flower/<method>-<task>-seed<seed>
+    min_nodes: int = 0  # 0: every client of the task
+    node_timeout: float = 300.0
+    round_timeout: float = 600.0
+
+
+def resolve_run_config(run_config: Mapping[str, Any], app_dir: str | Path | None = None) -> tuple[RunConfig, EngineSettings]:
+    """Map a Flower run config onto the ``RunConfig`` dataclasses (see the module docstring)."""
+    rc = {**RUN_CONFIG_DEFAULTS, **dict(run_config)}
+    data: dict[str, Any] = {}
+    path = str(rc.pop("config") or "").strip()
+    if path:
+        file = _find_config(path, app_dir)
+        try:
+            data = tomllib.loads(file.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError(f"{file}: not valid TOML ({e})") from None
+    overrides = shlex.split(str(rc.pop("overrides") or ""))
+    data = apply_overrides(data, overrides)
+    rounds = int(rc.pop("num-rounds") or 0)
+    if rounds:
+        data["rounds"] = rounds
+    engine = {k: rc.pop(k) for k in ENGINE_KEYS}
+    for key, value in rc.items():  # extra dotted keys: typed overrides
+        node = data
+        parts = [p.replace("-", "_") for p in str(key).split(".")]
+        for p in parts[:-1]:
+            node = node.setdefault(p, {})
+            if not isinstance(node, dict):
+                raise ConfigError(f"run config {key!r}: {p!r} is not a table")
+        node[parts[-1]] = value
+    config = config_from_dict(data)
+    run_dir = str(engine["run-dir"] or "").strip()
+    settings = EngineSettings(
+        run_dir=Path(run_dir) if run_dir else None,
+        min_nodes=int(engine["min-nodes"]),
+        node_timeout=float(engine["node-timeout"]),
+        round_timeout=float(engine["round-timeout"]),
+    )
+    return config, settings
+
+
+def _find_config(path: str, app_dir: str | Path | None) -> Path:
+    p = Path(path).expanduser()
+    candidates = [p] if p.is_absolute() else ([Path(app_dir) / p] if app_dir else []) + [Path.cwd() / p]
+    for c in candidates:
+        if c.is_file():
+            return c
+    raise ConfigError(f"run config 'config': {path!r} not found (looked in {', '.join(map(str, candidates))})")
+
+
+def config_text(config: RunConfig) -> str:
+    """The resolved config as TOML: what the server sends, what clients rebuild from."""
+    return dumps_toml(config_to_dict(config))
+
+
+def default_run_dir(config: RunConfig) -> Path:
+    return Path("runs") / "flower" / f"{config.method}-{config.task.name}-seed{config.seed}"
+
+
+# ----------------------------------------------------------------------------------------------
+# the server
+
+def _message(content: Any, node_id: int, message_type: str, group: str) -> Any:
+    return Message(content=content, dst_node_id=int(node_id), message_type=message_type, group_id=group)
+
+
+def _arrays(tensors: Mapping[str, Tensor]) -> Any:
+    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
+
+
+class FlowerSimulation(Simulation):
+    """The in-process loop (evaluation schedule, metrics log, checkpoints, history records)
+    with its two engine steps, a round and an evaluation, done over a Flower ``Grid``."""
+
+    def __init__(self, config: RunConfig, built: Built, grid: Any, nodes: Mapping[int, int], *,
+                 pool: Sequence[int], round_timeout: float = 600.0, run_dir: Path | None = None,
+                 on_eval: Callable[[int, dict[str, Any]], None] | None = None) -> None:
+        super().__init__(config, built.algorithm, built.runtime, pool=pool, run_dir=run_dir, progress=False,
+                         on_eval=on_eval, faults=built.context.extras.get("faults") or RoundFaults(),
+                         eval_chunk=EVAL_CHUNK)
+        self.grid = grid
+        self.nodes = dict(nodes)  # client (partition id) -> node id
+        self.round_timeout = round_timeout
+        self.text = config_text(config)
+        self.failed_evaluations = 0
+
+    def _send(self, kind: str, group: str, clients: Sequence[int], weights: Mapping[str, Tensor],
+              extra: Callable[[int], dict[str, Any]]) -> dict[int, Any]:
+        """One exchange; ``{client: reply content}`` for the clients that answered without error."""
+        msgs = []
+        for i, c in enumerate(clients):
+            cfg = ConfigRecord({"client": int(c), "shn-config": self.text, **extra(i)})
+            content = RecordDict({"arrays": _arrays({k: v[i] for k, v in weights.items()}), "config": cfg})
+            msgs.append(_message(content, self.nodes[c], kind, group))
+        by_node: dict[int, Any] = {}
+        for reply in self.grid.send_and_receive(msgs, timeout=self.round_timeout):
+            node = int(reply.metadata.src_node_id)
+            if reply.has_error():
+                log.warning("%s %s: node %d replied with error %s: %s", kind, group, node, reply.error.code,
+                            reply.error.reason)
+                continue
+            by_node[node] = reply.content
+        out = {c: by_node.get(self.nodes[c]) for c in clients}
+        missing = [c for c, v in out.items() if v is None]
+        if missing:
+            log.warning("%s %s: no reply from clients %s", kind, group, missing)
+        return {c: v for c, v in out.items() if v is not None}
+
+    def run_round(self, round_: int) -> dict[str, float]:
+        cfg = self.config
+        sampled = self.sampler.clients(round_)
+        clients = self.faults.surviving(cfg.seed, round_, sampled)
+        self.failed += len(sampled) - len(clients)
+        if not clients:
+            return {"accepted": 0.0, "rejected": 0.0}
+        weights = self.server.weights_for(clients)
+        cohort = len(clients)
+        replies = self._send("train", str(round_), clients, weights,
+                             lambda i: {"round": round_, "slot": i, "cohort": cohort})
+        ok, deltas, counts, losses = [], [], [], []
+        for c in clients:
+            if c not in replies:
+                self.failed += 1
+                continue
+            delta, n, loss = _parse_fit(replies[c])
+            ok.append(c)
+            deltas.append(delta)
+            counts.append(n)
+            if loss is not None:
+                losses.append(loss)
+        if losses:  # as in-process: the float32 mean over the round's clients
+            self._train_losses.append(float(torch.tensor(losses, dtype=torch.float32).mean()))
+        if not ok:
+            return {"accepted": 0.0, "rejected": 0.0}
+        return self.server.receive(round_, ok, deltas, counts)
+
+    def evaluate(self, clients: Sequence[int] | None = None) -> dict[int, dict[str, float]]:
+        clients = self.pool if clients is None else list(clients)
+        out: dict[int, dict[str, float]] = {}
+        for s in range(0, len(clients), self.eval_chunk):
+            chunk = clients[s:s + self.eval_chunk]
+            replies = self._send("evaluate", f"eval-{s}", chunk, self.algorithm.weights_for(chunk), lambda i: {})
+            for c in chunk:
+                row = _parse_metrics(replies.get(c))
+                if row is None:
+                    self.failed_evaluations += 1
+                else:
+                    out[c] = row
+        return out
+
+
+def _parse_fit(content: Any) -> tuple[Any, Any, float | None]:
+    """(delta, num_examples, loss) from a train reply; anything malformed is passed on as is, so
+    that ``Server.receive`` rejects it (nothing reaches the algorithm unchecked)."""
+    try:
+        delta = dict(content["delta"].to_torch_state_dict())
+    except Exception as e:  # noqa: BLE001 - malformed reply: let validation name it
+        delta = f"unreadable delta ({type(e).__name__}: {e})"
+    try:
+        metrics = content["metrics"]
+        n = metrics["num-examples"]
+        loss = metrics.get("train-loss")
+        loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
+    except Exception:  # noqa: BLE001
+        n, loss = None, None
+    return delta, n, loss
+
+
+def _parse_metrics(content: Any) -> dict[str, float] | None:
+    if content is None:
+        return None
+    try:
+        return {k: float(v) for k, v in content["metrics"].items() if k != "partition-id"}
+    except Exception:  # noqa: BLE001
+        return None
+
+
+def discover_clients(grid: Any, text: str, wanted: Sequence[int], min_nodes: int, timeout: float,
+                     poll: float = 0.5) -> dict[int, int]:
+    """Ask every connected node for its partition id (a ``query`` message) until ``min_nodes``
+    of the ``wanted`` clients are known; ``{client: node id}``."""
+    wanted_set = set(int(c) for c in wanted)
+    clients: dict[int, int] = {}
+    asked: set[int] = set()
+    deadline = time.monotonic() + timeout
+    while True:
+        new = sorted(set(int(n) for n in grid.get_node_ids()) - asked)
+        if new:
+            msgs = [_message(RecordDict({"config": ConfigRecord({"shn-config": text})}), n, "query", "discover")
+                    for n in new]
+            asked.update(new)
+            for reply in grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
+                node = int(reply.metadata.src_node_id)
+                if reply.has_error():
+                    log.warning("node %d could not load its partition: %s", node, reply.error.reason)
+                    continue
+                c = int(reply.content["metrics"]["partition-id"])
+                if c not in wanted_set:
+                    log.warning("node %d holds partition %d, which is not a training client of this task", node, c)
+                elif c in clients:
+                    log.warning("node %d also holds partition %d (node %d has it); ignored", node, c, clients[c])
+                else:
+                    clients[c] = node
+        if len(clients) >= min_nodes:
+            flwr_log(logging.INFO, "shn: %d clients connected: partitions %s", len(clients), sorted(clients))
+            return clients
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {len(clients)} of {min_nodes} clients connected within {timeout:.0f} s "
+                               f"(partitions {sorted(clients)}); start more SuperNodes or lower min-nodes")
+        time.sleep(poll)
+
+
+def run_federation(grid: Any, config: RunConfig, settings: EngineSettings = EngineSettings()) -> RunResult:
+    """The ServerApp's body: discover clients, run ``config.rounds`` rounds, write the run directory."""
+    entry = METHODS.get(config.method)
+    if entry.meta.get("needs_graph") and config.graph.kind in INFERRED_GRAPHS:
+        raise ConfigError(
+            f"graph.kind = {config.graph.kind!r}: the Flower engine runs one stage; infer the graph first "
+            "(shn pipeline, or a pFedHN stage) and pass it with graph.kind = \"given\" and graph.path, "
+            "or use graph.kind = \"complete\""
+        )
+    t0 = time.perf_counter()
+    built = build(config, store_clients=[])  # the server holds no client data
+    task = built.task
+    held = set(built.context.held_out)
+    wanted = [c for c in range(task.num_clients) if c not in held]
+    min_nodes = settings.min_nodes or len(wanted)
+    text = config_text(config)
+    nodes = discover_clients(grid, text, wanted, min_nodes, settings.node_timeout)
+    pool = sorted(nodes)
+    if pool != wanted:
+        log.warning("training on partitions %s of the task's %d clients", pool, len(wanted))
+    run_dir = settings.run_dir or default_run_dir(config)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(run_dir / "config.toml", text)
+
+    def on_eval(r: int, record: dict[str, Any]) -> None:
+        shown = {k: round(v, 4) for k, v in record.items() if isinstance(v, float)}
+        flwr_log(logging.INFO, "shn: round %d/%d %s", r, config.rounds, shown)
+
+    sim = FlowerSimulation(config, built, grid, nodes, pool=pool, round_timeout=settings.round_timeout,
+                           run_dir=run_dir, on_eval=on_eval)
+    result = sim.run()
+    summary = make_summary(config, task, result.history, result.per_client, result.rejected_updates,
+                           result.failed_clients, result.wall_time_s)
+    summary["engine"] = "flower"
+    summary["failed_evaluations"] = sim.failed_evaluations
+    write_summary(run_dir, summary)
+    flwr_log(logging.INFO, "shn: finished; summary in %s", run_dir / "summary.json")
+    return RunResult(config, summary, result.history, result.per_client, run_dir, built.algorithm,
+                     {"simulation": sim, "built": built, "elapsed": time.perf_counter() - t0})
+
+
+def make_server_app(app_dir: str | Path | None = None, defaults: Mapping[str, Any] | None = None,
+                    on_result: Callable[[RunResult], None] | None = None) -> Any:
+    """The ``ServerApp``. ``defaults`` fill run-config keys the context lacks (``run_simulation``
+    passes an empty run config); ``app_dir`` is where relative ``config`` paths are looked up."""
+    app = ServerApp()
+
+    @app.main()
+    def main(grid: Any, context: Any) -> None:
+        run_config = {**dict(defaults or {}), **dict(context.run_config or {})}
+        config, settings = resolve_run_config(run_config, app_dir)
+        result = run_federation(grid, config, settings)
+        if on_result is not None:
+            on_result(result)
+
+    return app
+
+
+# ----------------------------------------------------------------------------------------------
+# the client
+
+class CohortTrainer(LocalTrainer):
+    """Trains one client alone with exactly the minibatches it gets in-process: its column
+    (``slot``) of the draw made for the round's whole cohort of ``cohort`` clients."""
+
+    def __init__(self, template: torch.nn.Module, loss: Callable[..., Tensor], config: Any, slot: int, cohort: int) -> None:
+        super().__init__(template, loss, config)
+        if not 0 <= slot < cohort:
+            raise ValueError(f"slot {slot} outside a cohort of {cohort}")
+        self.slot, self.cohort = int(slot), int(cohort)
+
+    def minibatch_uniforms(self, generator: torch.Generator, num_clients: int) -> Tensor:
+        if num_clients != 1:
+            raise ValueError("CohortTrainer trains exactly one client")
+        return super().minibatch_uniforms(generator, self.cohort)[:, self.slot:self.slot + 1]
+
+
+class StatePersonal(MutableMapping):
+    """``PersonalStore`` backing in a node's ``context.state``: client -> ArrayRecord
+    ``shn.personal.<client>``, kept by the SuperNode between rounds, never sent."""
+
+    def __init__(self, state: Any) -> None:
+        self.state = state
+
+    @staticmethod
+    def _key(client: int) -> str:
+        return f"{PERSONAL_PREFIX}{int(client)}"
+
+    def __getitem__(self, client: int) -> dict[str, Tensor]:
+        key = self._key(client)
+        if key not in self.state:
+            raise KeyError(client)
+        return dict(self.state[key].to_torch_state_dict())
+
+    def __setitem__(self, client: int, params: Mapping[str, Tensor]) -> None:
+        self.state[self._key(client)] = _arrays(params)
+
+    def __delitem__(self, client: int) -> None:
+        del self.state[self._key(client)]
+
+    def __iter__(self) -> Iterator[int]:
+        return iter([int(k[len(PERSONAL_PREFIX):]) for k in list(self.state.keys()) if k.startswith(PERSONAL_PREFIX)])
+
+    def __len__(self) -> int:
+        return sum(1 for _ in self)
+
+
+_TASKS: dict[str, Any] = {}
+_BUILT: dict[tuple[str, int, str], Built] = {}
+
+
+def _client_config(text: str, node_config: Mapping[str, Any]) -> RunConfig:
+    config = config_from_dict(tomllib.loads(text))
+    data_dir = node_config.get("data-dir")
+    if data_dir and hasattr(config.task.options, "data_dir"):  # this machine's copy of the data
+        config = dataclasses.replace(config, task=dataclasses.replace(
+            config.task, options=dataclasses.replace(config.task.options, data_dir=str(data_dir))))
+    return config
+
+
+def partition_id(context: Any) -> int:
+    try:
+        return int(context.node_config["partition-id"])
+    except (KeyError, TypeError, ValueError):
+        raise ValueError("this SuperNode has no integer partition-id: start it with "
+                         "--node-config 'partition-id=<client index>'") from None
+
+
+def client_built(text: str, client: int, node_config: Mapping[str, Any] | None = None) -> Built:
+    """Task, method and runtime for one client, cached per process (a simulation worker or a
+    test grid serves many clients; a deployed SuperNode starts a process per message)."""
+    node_config = dict(node_config or {})
+    key = (text, client, str(node_config.get("data-dir", "")))
+    if key not in _BUILT:
+        config = _client_config(text, node_config)
+        tkey = config_text(config)
+        if tkey not in _TASKS:
+            _TASKS.clear()  # one task per process at a time
+            _TASKS[tkey] = make_task(config)
+        _BUILT[key] = build(config, task=_TASKS[tkey], store_clients=[client])
+    return _BUILT[key]
+
+
+def _runtime(built: Built, context: Any, slot: int = 0, cohort: int = 1) -> ClientRuntime:
+    template = built.runtime.trainer.template
+    trainer = CohortTrainer(template, built.task.loss, built.config.local, slot, cohort)
+    personal = PersonalStore(built.algorithm.initial_personal(), backing=StatePersonal(context.state))
+    return ClientRuntime(built.task, trainer, built.runtime.store, personal)
+
+
+def _received(msg: Any, context: Any) -> tuple[Built, int, Mapping[str, Any], dict[str, Tensor]]:
+    client = partition_id(context)
+    cfg = msg.content["config"]
+    if int(cfg["client"]) != client:
+        raise ValueError(f"message for client {cfg['client']} reached the SuperNode of partition {client}")
+    built = client_built(str(cfg["shn-config"]), client, context.node_config)
+    device = built.runtime.store.device
+    weights = {k: v.unsqueeze(0).to(device) for k, v in msg.content["arrays"].to_torch_state_dict().items()}
+    return built, client, cfg, weights
+
+
+def handle_train(msg: Any, context: Any) -> Any:
+    built, client, cfg, weights = _received(msg, context)
+    runtime = _runtime(built, context, int(cfg["slot"]), int(cfg["cohort"]))
+    gen = torch_generator(built.config.seed, "local-training", int(cfg["round"]))
+    fit = runtime.fit([client], weights, gen)
+    metrics = MetricRecord({"num-examples": int(fit.num_examples[0]), "train-loss": float(fit.loss[0]),
+                            "partition-id": client})
+    return Message(RecordDict({"delta": _arrays({k: v[0] for k, v in fit.deltas.items()}), "metrics": metrics}),
+                   reply_to=msg)
+
+
+def handle_evaluate(msg: Any, context: Any) -> Any:
+    built, client, _, weights = _received(msg, context)
+    row = _runtime(built, context).evaluate([client], weights)[client]
+    return Message(RecordDict({"metrics": MetricRecord({**row, "partition-id": client})}), reply_to=msg)
+
+
+def handle_query(msg: Any, context: Any) -> Any:
+    client = partition_id(context)
+    built = client_built(str(msg.content["config"]["shn-config"]), client, context.node_config)
+    n = int(built.runtime.store.num_train([client])[0])
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": client, "num-examples": n})}), reply_to=msg)
+
+
+def make_client_app() -> Any:
+    app = ClientApp()
+    app.train()(handle_train)
+    app.evaluate()(handle_evaluate)
+    app.query()(handle_query)
+    return app
+
+
+# ----------------------------------------------------------------------------------------------
+# a Ray-free grid (tests, debugging): the ClientApp called in this process, one Context per node
+
+class InProcessGrid(Grid):
+    """A ``flwr.serverapp.Grid`` whose ``send_and_receive`` calls the ClientApp directly.
+
+    Node ids are deliberately unrelated to partition ids (and not in the same order). A client
+    that raises becomes an error reply, as on a SuperNode; ``drop`` makes nodes go silent.
+    """
+
+    def __init__(self, client_app: Any, num_nodes: int, *, run_config: Mapping[str, Any] | None = None,
+                 node_config: Mapping[str, Any] | None = None, run_id: int = 1) -> None:
+        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
+        self.client_app = client_app
+        self._run = Run.create_empty(run_id)
+        ids = [(7919 * (i + 3)) % 100_003 + 1 for i in range(num_nodes)]
+        self.contexts = {
+            nid: Context(run_id=run_id, node_id=nid, state=RecordDict(), run_config=dict(run_config or {}),
+                         node_config={"partition-id": num_nodes - 1 - i, "num-partitions": num_nodes,
+                                      **dict(node_config or {})})
+            for i, nid in enumerate(ids)
+        }
+        self.drop: set[int] = set()  # node ids that never answer
+        self.sent: list[Any] = []
+
+    def node_of(self, client: int) -> int:
+        return next(n for n, c in self.contexts.items() if c.node_config["partition-id"] == client)
+
+    def set_run(self, run: Any) -> None:
+        self._run = run
+
+    @property
+    def run(self) -> Any:
+        return self._run
+
+    def create_message(self, content: Any, message_type: str, dst_node_id: int, group_id: str,
+                       ttl: float | None = None) -> Any:
+        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
+
+    def get_node_ids(self) -> Iterable[int]:
+        return list(self.contexts)
+
+    def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
+        raise NotImplementedError("InProcessGrid only supports send_and_receive")
+
+    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:
+        raise NotImplementedError("InProcessGrid only supports send_and_receive")
+
+    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> Iterable[Any]:
+        replies = []
+        for m in messages:
+            self.sent.append(m)
+            node = m.metadata.dst_node_id
+            if node in self.drop:
+                continue
+            try:
+                replies.append(self.client_app(m, self.contexts[node]))
+            except Exception as e:  # noqa: BLE001 - what a SuperNode does with a ClientApp exception
+                replies.append(Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=m))
+        return replies
+
+    def main(self, server_app: Any, run_config: Mapping[str, Any] | None = None) -> None:
+        """Run ``server_app``'s main function on this grid."""
+        context = Context(run_id=self._run.run_id, node_id=0, node_config={}, state=RecordDict(),
+                          run_config=dict(run_config or {}))
+        server_app(self, context)
+
+
+def run_in_process(config: RunConfig, *, run_dir: str | Path | None = None, client_app: Any = None,
+                   grid: Any = None) -> RunResult:
+    """The Flower engine without Ray or a SuperLink: every ClientApp call made in this process
+    (one Context per client). Same numbers as ``shn.runner.run`` for the same config."""
+    task = make_task(config)
+    grid = grid or InProcessGrid(client_app or make_client_app(), task.num_clients)
+    return run_federation(grid, config, EngineSettings(run_dir=Path(run_dir) if run_dir else None))
+
+
+# ----------------------------------------------------------------------------------------------
+# Ray simulation
+
+def simulate(config_path: str | Path, *, overrides: Sequence[str] = (), supernodes: int | None = None,
+             run_dir: str | Path | None = None, cpus_per_client: float = 1.0, extra: Mapping[str, Any] | None = None,
+             verbose: bool = False) -> RunResult:
+    """Run the Flower app with the Ray simulation backend in this process (no SuperLink)."""
+    from flwr.simulation import run_simulation  # imports Ray
+
+    run_config = {"config": str(Path(config_path).resolve()), "overrides": shlex.join(list(overrides)),
+                  "run-dir": str(run_dir or ""), **dict(extra or {})}
+    config, settings = resolve_run_config(run_config)
+    if supernodes is None:
+        supernodes = make_task(config).num_clients
+    results: list[RunResult] = []
+    server_app = make_server_app(defaults=run_config, on_result=results.append)
+    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
+               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
+    run_simulation(server_app=server_app, client_app=make_client_app(), num_supernodes=int(supernodes),
+                   backend_config=backend, verbose_logging=verbose)
+    if not results:
+        raise RuntimeError("the Flower simulation ended without a result (see the log above)")
+    return results[0]
