@@ -14,11 +14,12 @@ personal and share the rest) and the last is ``head``.
 from __future__ import annotations
 
 import math
-import zlib
 
 import torch
 from torch import Tensor, nn
 from torch.nn import functional as F
+
+from shn.seeding import derive_seed
 
 __all__ = ["GRUForecaster", "MLPForecaster", "FORECAST_MODELS", "make_forecaster", "seeded_init_"]
 
@@ -94,7 +95,7 @@ class MLPForecaster(nn.Module):
 def seeded_init_(model: nn.Module, seed: int) -> nn.Module:
     """Re-initialise every ``nn.Linear`` of ``model`` with PyTorch's default rule
     (U(-1/√fan_in, 1/√fan_in) for weight and bias) from a generator seeded by ``(seed, layer
-    name)``.
+    name)`` (:func:`shn.seeding.derive_seed`).
 
     So a layer's initial weights depend only on the seed, its name and its shape — not on the
     layers built before it. Two clients whose ``input_proj`` differ in size still get identical
@@ -103,7 +104,7 @@ def seeded_init_(model: nn.Module, seed: int) -> nn.Module:
     with torch.no_grad():
         for name, module in model.named_modules():
             if isinstance(module, nn.Linear):
-                g = torch.Generator().manual_seed((int(seed) * 1_000_003 + zlib.crc32(name.encode())) % (2**63))
+                g = torch.Generator().manual_seed(derive_seed(seed, "forecaster", name))
                 bound = 1.0 / math.sqrt(module.in_features)
                 module.weight.copy_(torch.rand(module.weight.shape, generator=g) * (2 * bound) - bound)
                 if module.bias is not None:

@@ -233,7 +233,7 @@ def validate_split_options(num_steps: int, bounds, input_len: int, output_len: i
         if stop - start < need:
             raise ValueError(
                 f"{what}: the {name} part has {stop - start} of {num_steps} time steps, fewer than "
-                f"input_len + output_len = {need}; use more data (max_steps) or shorter windows"
+                f"input_len + output_len = {need}; use a longer series or shorter input_len/output_len"
             )
 
 
@@ -403,8 +403,11 @@ class ForecastTask:
     Extra per-client attributes: :meth:`input_sizes`, :meth:`relation_adjacency` (the a-priori
     graph, aligned with the client order), :meth:`coordinates` (lat/lon), :meth:`client_names`,
     :meth:`feature_names`; ``window_starts[split]`` holds the start index of every window on the
-    common time axis (the same for all clients).
+    common time axis (the same for all clients). ``primary_metric`` (model selection on the
+    validation split) is ``("mse", "min")``: MSE in original units, pooled.
     """
+
+    primary_metric = ("mse", "min")
 
     def __init__(self, name: str, prepared: Sequence[PreparedClient], *, target_names: Sequence[str],
                  input_len: int, output_len: int, model: str, hidden: int, seed: int,

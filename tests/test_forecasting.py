@@ -260,6 +260,21 @@ def test_traffic_task_from_generated_files(tmp_path):
     assert small.num_clients == 2 and small.relation_adjacency().shape == (2, 2)
 
 
+def test_speed_csv_with_timestamp_column(tmp_path):
+    times = np.arange(np.datetime64("2020-01-01T00:00"), np.datetime64("2020-01-01T20:00"), np.timedelta64(30, "m"))
+    rows = ["timestamp,5,6"] + [f"{str(t).replace('T', ' ')},{50 + i % 3},NA" if i == 4 else f"{t},{50 + i % 3},{40 + i % 5}"
+                                  for i, t in enumerate(times)]
+    (tmp_path / "speeds.csv").write_text("\n".join(rows) + "\n")
+    table = read_speed_csv(tmp_path / "speeds.csv")
+    assert table.sensor_ids == ("5", "6") and table.speeds.shape == (40, 2) and np.isnan(table.speeds[4, 1])
+    assert table.timestamps[3] == np.datetime64("2020-01-01T01:30")
+    np.savetxt(tmp_path / "a.csv", np.ones((2, 2)), delimiter=",")
+    task = make_traffic(TrafficOptions(data_dir=str(tmp_path), format="losloop", speed_file="speeds.csv",
+                                       adjacency_file="a.csv", input_len=2, output_len=1), seed=0)
+    x = task.client_data(0).train[0]
+    assert abs(float(x[1, 0, 1]) - 0.5 / 24) < 1e-6  # second window starts at 00:30
+
+
 def test_traffic_adjacency_formats_align_with_sensor_order(tmp_path):
     ids, speeds, adj = _write_traffic(tmp_path, n=4, steps=120)
     perm = [2, 0, 3, 1]
@@ -332,7 +347,7 @@ def test_traffic_h5_reader(tmp_path):
             g["block0_items"] = np.array([b"11", b"22"])
             g["block0_values"] = np.arange(40, dtype=np.float64).reshape(20, 2)
         table = read_speed_h5(path)
-        assert table.sensor_ids == ("11", "22") and table.speeds.shape == (20, 2)
+        assert table.sensor_ids == ("11", "22") and table.speeds.shape == (40, 2)
     # the pandas fixed-format decoding itself, on an in-memory stand-in for the h5 group
     ts = np.arange(np.datetime64("2012-03-01T00:00"), np.datetime64("2012-03-01T00:20"), np.timedelta64(5, "m"))
     group = {
@@ -451,9 +466,15 @@ def test_weather_per_client_input_sizes_and_decoupled_error(tmp_path):
     x, y, mask, scale = task.client_data(1).train
     out = m1(x)
     assert out.shape == y.shape and torch.isfinite(task.loss(out, y, mask, scale))
-    # calm wind → (0, 0); hour-of-day features present
     names = task.feature_names(0)
     assert names[-4:] == ("hour_sin", "hour_cos", "doy_sin", "doy_cos")
+    # wind direction: hour 5 is calm → (0, 0); hour 8 blows from N → (sin, cos) = (0, 1)
+    x0 = task.client_data(0).train[0][0]  # window 0 reads hours 0..11
+    ws, wc = names.index("wd_sin"), names.index("wd_cos")
+    assert x0[5, ws] == 0 and x0[5, wc] == 0
+    assert abs(float(x0[8, ws])) < 1e-6 and abs(float(x0[8, wc]) - 1) < 1e-6
+    # hour of day from the timestamps: hour 6 → sin = 1
+    assert abs(float(x0[6, names.index("hour_sin")]) - 1) < 1e-6
 
 
 def test_weather_gaps_are_masked(tmp_path):
