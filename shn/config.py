@@ -112,6 +112,8 @@ class GraphConfig:
     path: str | None = None
     # learned: candidate edges = kNN with this k over the stage-1 embeddings (0 = complete)
     candidate_k: int = 10
+    # stage 1 (pFedHN) budget of the three-stage pipeline; None = the run's ``rounds``
+    stage1_rounds: int | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "k")

@@ -59,6 +59,8 @@ class HyperNetwork(nn.Module):
         embed_dim: e (default ``1 + N/4``).
         encoder: an ``Encoder`` whose input width is ``embed_dim`` (default identity).
         hidden: trunk width H; ``n_hidden``: number of extra ReLU→Linear(H, H) blocks.
+        aggregator: optional stage after the heads that mixes clients' generated layers over the
+            graph (``shn.aggregation.AttentiveKeyLayerMixer``).
     """
 
     def __init__(
@@ -70,6 +72,7 @@ class HyperNetwork(nn.Module):
         hidden: int = 100,
         n_hidden: int = 3,
         spectral_norm: bool = False,
+        aggregator: nn.Module | None = None,
     ) -> None:
         super().__init__()
         if num_clients < 1:
@@ -88,6 +91,7 @@ class HyperNetwork(nn.Module):
         self.heads = nn.ModuleDict(
             {_key(n): nn.Linear(hidden, numel) for n, numel in zip(spec.names, spec.numels)}
         )
+        self.aggregator = aggregator
 
     def representations(self, graph=None) -> Tensor:
         """Encoder output for all clients, ``[N, encoder.out_dim]``."""
@@ -105,8 +109,10 @@ class HyperNetwork(nn.Module):
         """``{name: [C, *shape]}`` for the C requested clients, in one forward pass. Only the
         requested rows go through the trunk and heads (the heads dominate the cost)."""
         clients = torch.as_tensor(clients, dtype=torch.long, device=self.embeddings.weight.device)
-        z = self.representations(graph)[clients]
-        return self.generate(z)
+        z = self.representations(graph)
+        if self.aggregator is not None:
+            return self.aggregator(clients, z, self.generate, graph)
+        return self.generate(z[clients])
 
     def generate(self, z: Tensor) -> Params:
         """Trunk + heads applied to representations ``z [C, out_dim]``."""

@@ -14,7 +14,9 @@ import torch
 from torch import nn
 
 from shn.config import RunConfig
-from shn.hypernetwork import Encoder, HyperNetwork, IdentityEncoder, default_embed_dim
+from shn.encoders import LearnedGraphEncoder
+from shn.graph import LearnedGraph
+from shn.hypernetwork import Encoder, HyperNetwork, default_embed_dim
 from shn.registry import ENCODERS, METHODS
 from shn.seeding import seeded_init
 from shn.target import Params, ParamSpec, module_params
@@ -65,13 +67,9 @@ def available_methods() -> list[str]:
 
 
 def register_encoder(name: str, *, replace: bool = False) -> Callable:
-    """Register ``factory(in_dim: int, config: EncoderConfig) -> Encoder`` under ``name``."""
+    """Register ``factory(in_dim: int, config: EncoderConfig) -> Encoder`` under ``name``; use it
+    in a config with ``[encoder] kind = "<name>"``."""
     return ENCODERS.register(name, None, replace=replace)
-
-
-@register_encoder("identity")
-def _identity_encoder(in_dim: int, config: Any) -> Encoder:
-    return IdentityEncoder(in_dim)
 
 
 def build_hypernetwork(ctx: MethodContext, encoder: str) -> HyperNetwork:
@@ -89,6 +87,9 @@ def build_hypernetwork(ctx: MethodContext, encoder: str) -> HyperNetwork:
         enc = ENCODERS.get(name).factory(e, cfg.encoder)
         if not isinstance(enc, Encoder):
             raise TypeError(f"encoder {name!r} returned {type(enc).__name__}, expected a shn.hypernetwork.Encoder")
+        if cfg.graph.kind == "learned" and enc.needs_graph:
+            # edge weights over the candidate graph, computed from the embeddings, trained too
+            enc = LearnedGraphEncoder(enc, LearnedGraph(ctx.graph, e))
         hn = HyperNetwork(ctx.spec, n, e, enc, cfg.hypernetwork.hidden, cfg.hypernetwork.n_hidden,
                           cfg.hypernetwork.spectral_norm)
     if ctx.warm_embeddings is not None:

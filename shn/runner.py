@@ -75,7 +75,7 @@ def build(config: RunConfig, *, task: Task | None = None, graph: Any = None,
                         held_out=tuple(held_out))
     entry = METHODS.get(config.method)
     if entry.meta.get("needs_graph") and ctx.graph is None:
-        from shn.graphs_runtime import resolve_graph
+        from shn.pipeline import resolve_graph
 
         ctx.graph = resolve_graph(config, task, held_out)
     algorithm = entry.factory(ctx)
