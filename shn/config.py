@@ -114,10 +114,15 @@ class GraphConfig:
     candidate_k: int = 10
     # stage 1 (pFedHN) budget of the three-stage pipeline; None = the run's ``rounds``
     stage1_rounds: int | None = None
+    # heterophily studies: rewire the graph toward this edge homophily (w.r.t. the task's client
+    # label sets, else groups) before training, keeping the edge count; None = no rewiring
+    rewire_homophily: float | None = None
 
     def __post_init__(self) -> None:
         _positive(self, "k")
         _non_negative(self, "candidate_k")
+        if self.rewire_homophily is not None and not 0.0 <= self.rewire_homophily <= 1.0:
+            raise ConfigError(f"rewire_homophily: must be in [0, 1] (or omitted), got {self.rewire_homophily!r}")
 
 
 @dataclass(frozen=True)

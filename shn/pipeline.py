@@ -75,7 +75,31 @@ def resolve_graph(config: RunConfig, task: Task, held_out: Sequence[int] = ()) -
     else:
         raise ConfigError(f"graph.kind = {kind!r} is inferred from stage-1 embeddings: run `shn pipeline` "
                           "(or `shn run`, which runs the pipeline for inferred graphs)")
+    graph = rewire_graph(config, task, graph)
     return without_clients(graph, held_out).to(config.device)
+
+
+def rewire_graph(config: RunConfig, task: Task, graph: ClientGraph, nodes: Sequence[int] | None = None) -> ClientGraph:
+    """``graph.rewire_homophily``: rewire ``graph`` (whose node i is client ``nodes[i]``) toward
+    that edge homophily w.r.t. the clients' label sets (else groups), keeping the edge count;
+    weights are dropped; the random choices come from the run seed. Unchanged when unset."""
+    target = config.graph.rewire_homophily
+    if target is None:
+        return graph
+    from shn.graph import rewire_to_homophily
+    from shn.seeding import torch_generator
+
+    nodes = list(range(graph.num_nodes)) if nodes is None else list(nodes)
+    sets, groups = client_attribute(task, "label_sets"), client_attribute(task, "groups")
+    if sets is not None:
+        attribute = {"sets": [sets[c] for c in nodes]}
+    elif groups is not None:
+        attribute = {"labels": [groups[c] for c in nodes]}
+    else:
+        raise ConfigError(f"graph.rewire_homophily: task {task.name!r} has no client label sets or groups "
+                          "to measure homophily against")
+    plain = ClientGraph(graph.edge_index.cpu(), graph.num_nodes).symmetrized()
+    return rewire_to_homophily(plain, target, generator=torch_generator(config.seed, "rewire-homophily"), **attribute)
 
 
 def infer_graph(config: RunConfig, task: Task, embeddings: torch.Tensor, pool: Sequence[int]) -> ClientGraph:
@@ -90,6 +114,7 @@ def infer_graph(config: RunConfig, task: Task, embeddings: torch.Tensor, pool: S
         sub = complete_graph(len(pool)) if g.candidate_k == 0 else knn_graph(emb, min(g.candidate_k, len(pool) - 1), g.metric)
     else:
         sub = build_graph(g.kind, embeddings=emb, k=min(g.k, len(pool) - 1), tau=g.tau, metric=g.metric)
+    sub = rewire_graph(config, task, sub, pool)
     index = torch.tensor(pool)
     return ClientGraph(index[sub.edge_index], task.num_clients, sub.edge_weight).to(config.device)
 
@@ -106,6 +131,14 @@ def describe_graph(graph: ClientGraph, task: Task) -> dict[str, Any]:
 
         info["group_homophily"] = edge_homophily(graph.to("cpu"), labels=list(groups))
     return info
+
+
+def client_info(task: Task) -> dict[str, Any]:
+    """Per-client attributes saved next to a graph for reports (class sets, groups)."""
+    sets, groups = client_attribute(task, "label_sets"), client_attribute(task, "groups")
+    return {"num_clients": task.num_clients,
+            "label_sets": None if sets is None else [sorted(int(c) for c in s) for s in sets],
+            "groups": None if groups is None else [int(x) for x in groups]}
 
 
 def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | Path | None = None,
@@ -135,6 +168,7 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
         graph.save(root / "stage2_graph" / "graph.json")
         torch.save(embeddings.cpu(), root / "stage2_graph" / "embeddings.pt")
         atomic_write_text(root / "stage2_graph" / "graph_summary.json", json.dumps(diagnostics, indent=2) + "\n")
+        atomic_write_text(root / "stage2_graph" / "clients.json", json.dumps(client_info(task)) + "\n")
 
     # Stage 3: the graph method, embeddings warm-started from stage 1.
     built = build(config, task=task, graph=graph, warm_embeddings=embeddings, held_out=held_out)
