@@ -112,7 +112,9 @@ class LocalTrainer:
         device = next(iter(params.values())).device
         mode = self.resolve_mode(device)
         if mode == "vmap" and store.concat is None:
-            raise ValueError("local.mode = 'vmap' needs clients whose data shapes agree; use 'loop' or 'auto'")
+            if cfg.mode == "vmap":
+                raise ValueError("local.mode = 'vmap' needs clients whose data shapes agree; use 'loop' or 'auto'")
+            mode = "loop"  # auto: clients whose data shapes differ cannot be stacked
         # One draw for every (step, client, sample): both paths see the same minibatches.
         u = self.minibatch_uniforms(generator, C)
         sizes = store.num_train(clients).to(torch.float64)
