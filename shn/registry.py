@@ -56,3 +56,13 @@ class Registry(Generic[F]):
 METHODS: Registry = Registry("method")
 TASKS: Registry = Registry("task")
 ENCODERS: Registry = Registry("encoder")
+
+
+def register_task(name: str, options: type | None = None, *, replace: bool = False) -> Callable[[F], F]:
+    """Register ``factory(options, *, seed: int) -> Task`` under ``name``; ``options`` is the
+    frozen dataclass that types the config's ``[task]`` table (``None``: no options)."""
+    return TASKS.register(name, options, replace=replace)
+
+
+def available_tasks() -> list[str]:
+    return TASKS.names()

@@ -16,11 +16,13 @@ from shn.config import ConfigError, RunConfig, config_to_dict, dumps_toml, load_
 from shn.federated.algorithm import Algorithm
 from shn.federated.client import ClientRuntime, PersonalStore
 from shn.federated.local import ClientStore, LocalTrainer
-from shn.federated.records import atomic_write_text, read_jsonl
-from shn.federated.simulation import EvalCallback, Simulation, write_summary
+from shn.federated.attacks import ClientAttack
+from shn.federated.records import atomic_write_text, mean_over_clients, read_jsonl
+from shn.federated.simulation import EvalCallback, RoundFaults, Simulation, write_summary
 from shn.methods import MethodContext
 from shn.registry import METHODS, TASKS
 from shn.seeding import seeded_init
+from shn.target import ParamSpec, module_params
 from tasks.base import Task
 
 
@@ -55,12 +57,40 @@ class Built:
 
 def make_task(config: RunConfig) -> Task:
     entry = TASKS.get(config.task.name)
-    return entry.factory(config.task.options, seed=config.seed)
+    options = config.task.options
+    if options is None and entry.options is not None:
+        options = entry.options()  # RunConfig built in Python with TaskConfig("name") only
+    return entry.factory(options, seed=config.seed)
 
 
 def make_template(task: Task, seed: int, device: torch.device, client: int | None = None) -> torch.nn.Module:
     with seeded_init(seed, "target-init"):
         return task.make_model(client).to(device)
+
+
+def client_templates(task: Task, seed: int, device: torch.device) -> dict[int, torch.nn.Module] | None:
+    """Every client's own architecture (``task.make_model(client)``) when they differ, e.g. in
+    input size; ``None`` when all clients share one (the usual case)."""
+    models = {c: make_template(task, seed, torch.device("cpu"), c) for c in range(task.num_clients)}
+    specs = {ParamSpec.from_module(m) for m in models.values()}
+    if len(specs) == 1:
+        return None
+    return {c: m.to(device) for c, m in models.items()}
+
+
+def _personal_per_client(algorithm: Algorithm, templates: dict[int, torch.nn.Module], method: str) -> dict[int, Any]:
+    """Each client's initial personal tensors; the tensors the server shares must agree in shape."""
+    shared = algorithm.server_spec
+    for c, m in templates.items():
+        spec = ParamSpec.from_module(m)
+        shapes = dict(zip(spec.names, spec.shapes))
+        bad = [n for n, s in zip(shared.names, shared.shapes) if shapes.get(n) != s]
+        if bad:
+            raise ConfigError(
+                f"method {method!r} shares {bad} but client {c}'s model has other shapes there ({[shapes.get(n) for n in bad]}): "
+                "the clients' architectures differ; keep those tensors personal (method \"decoupled\")"
+            )
+    return {c: {k: v for k, v in module_params(m).items() if k in algorithm.personal_keys} for c, m in templates.items()}
 
 
 def build(config: RunConfig, *, task: Task | None = None, graph: Any = None,
@@ -70,19 +100,56 @@ def build(config: RunConfig, *, task: Task | None = None, graph: Any = None,
     device = torch.device(config.device)
     task = task if task is not None else make_task(config)
     _check_task(task, config)
-    template = make_template(task, config.seed, device)
+    if not held_out:  # novel clients ([novel] fraction), the same set the pipeline holds out
+        from shn.pipeline import _held_out
+
+        held_out = _held_out(config, task)
+    templates = client_templates(task, config.seed, device)
+    template = make_template(task, config.seed, device) if templates is None else templates[0]
     ctx = MethodContext(config, task, template, device, graph=graph, warm_embeddings=warm_embeddings,
-                        held_out=tuple(held_out))
+                        held_out=tuple(held_out), client_templates=templates)
     entry = METHODS.get(config.method)
     if entry.meta.get("needs_graph") and ctx.graph is None:
         from shn.pipeline import resolve_graph
 
         ctx.graph = resolve_graph(config, task, held_out)
     algorithm = entry.factory(ctx)
-    trainer = LocalTrainer(template, task.loss, config.local)
-    store = ClientStore.from_task(task, store_clients, device)
-    runtime = ClientRuntime(task, trainer, store, PersonalStore(algorithm.initial_personal()))
+    per_client = _personal_per_client(algorithm, templates, config.method) if templates is not None else None
+    trainer = LocalTrainer(template, task.loss, config.local, templates=templates)
+    attack = ClientAttack.from_config(config.attack, config.seed, task.num_clients)
+    store = _client_store(task, store_clients, device, attack, config.seed)
+    runtime = ClientRuntime(task, trainer, store, PersonalStore(algorithm.initial_personal(), per_client=per_client))
+    runtime.attack = attack
+    _faults_and_attack_reports(ctx, attack)
     return Built(config, task, ctx, algorithm, runtime)
+
+
+def _client_store(task: Task, clients: Sequence[int] | None, device: torch.device, attack: ClientAttack | None,
+                  seed: int) -> ClientStore:
+    """The run's ClientStore; ``[attack] kind = "label_flip"`` permutes the malicious clients'
+    train labels here (the task itself is untouched)."""
+    if attack is None or attack.kind != "label_flip":
+        return ClientStore.from_task(task, clients, device)
+    clients = range(task.num_clients) if clients is None else clients
+    data = {int(c): task.client_data(int(c)) for c in clients}
+    return ClientStore(attack.poison(data, seed, getattr(task, "num_classes", None)), device)
+
+
+def _faults_and_attack_reports(ctx: MethodContext, attack: ClientAttack | None) -> None:
+    """``[faults] dropout`` → the engine's RoundFaults; with an ``[attack]``, the summary lists
+    the malicious clients and the honest clients' mean test metrics."""
+    if ctx.config.faults.dropout > 0:
+        ctx.extras.setdefault("faults", RoundFaults(dropout=ctx.config.faults.dropout))
+    if attack is None:
+        return
+    malicious = sorted(attack.malicious)
+
+    def report(result: RunResult) -> dict[str, Any]:
+        honest = {c: row for c, row in result.per_client.items() if int(c) not in attack.malicious}
+        means = mean_over_clients({c: {k: v for k, v in row.items() if k.startswith("test_")} for c, row in honest.items()})
+        return {"attack": attack.kind, "malicious_clients": malicious, **{f"honest_{k}": v for k, v in means.items()}}
+
+    ctx.extras.setdefault("after_training", []).append(report)
 
 
 def _check_task(task: Task, config: RunConfig) -> None:
@@ -150,7 +217,7 @@ def make_summary(config: RunConfig, task: Task, history: list[dict[str, Any]], p
     strip = lambda rec: {k: v for k, v in rec.items() if k not in ("round", "elapsed_s")}  # noqa: E731
     return {
         "method": config.method,
-        "task": config.task.name,
+        "task": task.name,
         "seed": config.seed,
         "rounds": config.rounds,
         "num_clients": task.num_clients,
