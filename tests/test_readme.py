@@ -28,7 +28,7 @@ def test_readme_example_runs_and_prints_finite_metrics(index):
     code = python_api_examples()[index]
     env = {**os.environ, "OMP_NUM_THREADS": "2"}
     proc = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, env=env,
-                          timeout=600)
+                          timeout=1200)
     assert proc.returncode == 0, proc.stderr[-2000:]
     numbers = [float(x) for x in re.findall(r"(?<![\w.])-?\d+\.\d+", proc.stdout)]
     assert numbers, proc.stdout
