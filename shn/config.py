@@ -114,6 +114,9 @@ class GraphConfig:
     candidate_k: int = 10
     # stage 1 (pFedHN) budget of the three-stage pipeline; None = the run's ``rounds``
     stage1_rounds: int | None = None
+    # a folder where stage-1 results are cached by a hash of everything stage 1 depends on, so
+    # graph methods with the same seed and budget train pFedHN once (None: no caching)
+    stage1_cache: str | None = None
     # heterophily studies: rewire the graph toward this edge homophily (w.r.t. the task's client
     # label sets, else groups) before training, keeping the edge count; None = no rewiring
     rewire_homophily: float | None = None
@@ -126,6 +129,28 @@ class GraphConfig:
 
 
 @dataclass(frozen=True)
+class NovelConfig:
+    """Novel-client generalisation (hypernetwork methods): ``fraction`` of the clients is held
+    out of training (sampling pool and graph edges); after training each gets a new embedding
+    fitted with the hypernetwork frozen (``steps`` server steps, each after a local training
+    run with ``[local]``), is attached to the graph by kNN (``graph.k``) on that embedding every
+    ``reattach_every`` steps, and is evaluated on its test split (``novel_test_*``)."""
+
+    fraction: float = 0.0
+    steps: int = 50
+    lr: float | None = None  # None: server.embed_lr (or server.lr)
+    reattach_every: int = 10
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction < 1.0:
+            raise ConfigError(f"fraction: must be in [0, 1), got {self.fraction!r}")
+        _non_negative(self, "steps")
+        _positive(self, "reattach_every")
+        if self.lr is not None and self.lr <= 0:
+            raise ConfigError(f"lr: must be > 0 (or omitted), got {self.lr!r}")
+
+
+@dataclass(frozen=True)
 class ValidationConfig:
     """Client-update checks done before any server update."""
 
@@ -135,6 +160,40 @@ class ValidationConfig:
     def __post_init__(self) -> None:
         _positive(self, "max_norm")
         _non_negative(self, "clip_norm")
+
+
+@dataclass(frozen=True)
+class AttackConfig:
+    """Attack simulation (robustness studies). A ``fraction`` of the clients, chosen from the run
+    seed, is malicious: ``scale`` sends ``scale × Δ``, ``sign_flip`` sends ``−scale × Δ`` (scale 1:
+    a plain sign flip), ``random`` sends Gaussian noise of std ``noise_std`` per coordinate instead
+    of its update, ``label_flip`` trains honestly on permuted labels (a seeded derangement of the
+    classes, train split only). The summary then reports ``honest_test_*`` and
+    ``malicious_clients``."""
+
+    kind: Literal["none", "scale", "sign_flip", "random", "label_flip"] = "none"
+    fraction: float = 0.0
+    scale: float = 10.0
+    noise_std: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.fraction <= 1.0:
+            raise ConfigError(f"fraction: must be in [0, 1], got {self.fraction!r}")
+        _positive(self, "scale")
+        _non_negative(self, "noise_std")
+
+
+@dataclass(frozen=True)
+class FaultConfig:
+    """Injected client faults: each sampled client fails (sends nothing) with probability
+    ``dropout`` in each round, drawn from the run seed; failures are counted in
+    ``failed_clients``."""
+
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout!r}")
 
 
 @dataclass(frozen=True)
@@ -164,6 +223,9 @@ class RunConfig:
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     graph: GraphConfig = field(default_factory=GraphConfig)
     validation: ValidationConfig = field(default_factory=ValidationConfig)
+    attack: AttackConfig = field(default_factory=AttackConfig)
+    faults: FaultConfig = field(default_factory=FaultConfig)
+    novel: NovelConfig = field(default_factory=NovelConfig)
     # per-method options, keyed by method name (only the active method's are used)
     methods: Mapping[str, Any] = field(default_factory=dict)
     # the optuna search space: parameter path → distribution table (used by `shn sweep`)
@@ -419,11 +481,14 @@ def _non_negative(obj: Any, *names: str) -> None:
 
 
 __all__ = [
+    "AttackConfig",
     "ConfigError",
     "EncoderConfig",
+    "FaultConfig",
     "GraphConfig",
     "HyperNetworkConfig",
     "LocalConfig",
+    "NovelConfig",
     "RunConfig",
     "ServerConfig",
     "TaskConfig",

@@ -35,13 +35,16 @@ def given_task_graph(config: RunConfig, task: Task) -> ClientGraph:
         if not path.is_file():
             raise ConfigError(f"graph.path: {path} not found")
         if path.suffix == ".json":
-            graph = ClientGraph.load(path)
+            try:
+                graph = ClientGraph.load(path)
+            except ValueError as e:  # names the file and what is wrong in it
+                raise ConfigError(f"graph.path: {e}") from None
         else:
             try:
                 adj = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, delimiter=",")
-            except ValueError as e:
-                raise ConfigError(f"graph.path: {path}: expected a dense numeric adjacency matrix ({e})") from None
-            graph = given_graph(adj, n)
+                graph = given_graph(adj, n)
+            except (ValueError, OSError, EOFError) as e:
+                raise ConfigError(f"graph.path: {path}: expected a dense numeric N x N adjacency matrix ({e})") from None
     else:
         adjacency = getattr(task, "relation_adjacency", None)
         if adjacency is None:
@@ -156,9 +159,20 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
     # Stage 1: plain pFedHN.
     stage1_rounds = config.graph.stage1_rounds or config.rounds
     stage1_cfg = replace(config, method="pfedhn", rounds=stage1_rounds, encoder=replace(config.encoder, kind=None))
-    stage1 = execute(build(stage1_cfg, task=task, held_out=held_out), run_dir=sub("stage1_pfedhn"),
-                     resume=resume, progress=progress)
-    embeddings = stage1.algorithm.hn.embeddings.weight.detach().clone()
+    cached = _stage1_cache_dir(config, stage1_cfg, held_out)
+    if cached is not None and (cached / "embeddings.pt").is_file() and (cached / "summary.json").is_file():
+        # graph methods sharing a seed and budget share stage 1 (e.g. GHN, Panacea, SHN in a suite)
+        embeddings = torch.load(cached / "embeddings.pt", map_location=config.device)
+        stage1_metrics = json.loads((cached / "summary.json").read_text())["metrics"]
+        log.info("stage 1 reused from %s", cached)
+    else:
+        stage1_built = build(stage1_cfg, task=task, held_out=held_out)
+        stage1_built.context.extras["after_training"] = []  # stage 1 only supplies embeddings (no novel-client fit)
+        stage1 = execute(stage1_built, run_dir=cached or sub("stage1_pfedhn"), resume=resume, progress=progress)
+        embeddings = stage1.algorithm.hn.embeddings.weight.detach().clone()
+        stage1_metrics = stage1.summary["metrics"]
+        if cached is not None:
+            torch.save(embeddings.cpu(), cached / "embeddings.pt")
 
     # Stage 2: the client-relation graph from the learned embeddings.
     graph = infer_graph(config, task, embeddings, pool)
@@ -178,7 +192,7 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
         graph.save(stage3_dir / "graph.json")
     result = execute(built, run_dir=stage3_dir, resume=resume, progress=progress, on_eval=on_eval)
     result.summary["graph"] = diagnostics
-    result.summary["stage1_metrics"] = stage1.summary["metrics"]
+    result.summary["stage1_metrics"] = stage1_metrics
     result.summary["pipeline"] = {"stage1_rounds": stage1_rounds, "graph_kind": config.graph.kind,
                                   "k": config.graph.k}
     if root is not None:
@@ -186,6 +200,23 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
         if stage3_dir is not None:
             atomic_write_text(stage3_dir / "summary.json", json.dumps(result.summary, indent=2, sort_keys=True) + "\n")
     return result
+
+
+def _stage1_cache_dir(config: RunConfig, stage1_cfg: RunConfig, held_out: Sequence[int]) -> Path | None:
+    """``graph.stage1_cache/<hash of everything stage 1 depends on>`` or None (no caching)."""
+    if not config.graph.stage1_cache:
+        return None
+    import hashlib
+
+    from shn.config import config_to_dict, dumps_toml
+
+    key = config_to_dict(stage1_cfg)
+    for irrelevant in ("graph", "encoder", "methods", "sweep"):
+        key.pop(irrelevant, None)
+    digest = hashlib.sha256((dumps_toml(key) + repr(sorted(held_out))).encode()).hexdigest()[:16]
+    path = Path(config.graph.stage1_cache) / digest
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def _held_out(config: RunConfig, task: Task) -> list[int]:
