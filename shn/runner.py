@@ -24,6 +24,7 @@ from shn.registry import METHODS, TASKS
 from shn.seeding import seeded_init
 from shn.target import ParamSpec, module_params
 from tasks.base import Task
+from tasks.datasets import DataError
 
 
 @dataclass
@@ -60,12 +61,34 @@ def make_task(config: RunConfig) -> Task:
     options = config.task.options
     if options is None and entry.options is not None:
         options = entry.options()  # RunConfig built in Python with TaskConfig("name") only
-    return entry.factory(options, seed=config.seed)
+    try:
+        return entry.factory(options, seed=config.seed)
+    except (ConfigError, DataError):
+        raise
+    except ValueError as e:  # a task option the data cannot satisfy (classes_per_client, num_clients, ...)
+        raise ConfigError(f"task: {e}") from e
 
 
 def make_template(task: Task, seed: int, device: torch.device, client: int | None = None) -> torch.nn.Module:
     with seeded_init(seed, "target-init"):
-        return task.make_model(client).to(device)
+        try:
+            model = task.make_model(client)
+        except ValueError as e:  # e.g. task.model = "pfedhn_cnn" for 8x8 images
+            raise ConfigError(f"task: {e}") from e
+        return model.to(device)
+
+
+def resolve_device(name: str) -> torch.device:
+    """``config.device`` as a torch device; a ConfigError if it is not one or is not available here."""
+    try:
+        device = torch.device(name)
+    except (RuntimeError, ValueError):
+        raise ConfigError(f"device: {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"device: {name!r} but CUDA is not available on this machine; use device = \"cpu\"")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ConfigError(f"device: {name!r} but MPS is not available on this machine; use device = \"cpu\"")
+    return device
 
 
 def client_templates(task: Task, seed: int, device: torch.device) -> dict[int, torch.nn.Module] | None:
@@ -97,7 +120,7 @@ def build(config: RunConfig, *, task: Task | None = None, graph: Any = None,
           warm_embeddings: torch.Tensor | None = None, held_out: Sequence[int] = (),
           store_clients: Sequence[int] | None = None) -> Built:
     """Build task, method and client runtime for ``config`` (no training yet)."""
-    device = torch.device(config.device)
+    device = resolve_device(config.device)
     task = task if task is not None else make_task(config)
     _check_task(task, config)
     if not held_out:  # novel clients ([novel] fraction), the same set the pipeline holds out
