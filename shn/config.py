@@ -435,7 +435,7 @@ def dumps_toml(data: Mapping[str, Any]) -> str:
         if isinstance(v, (int, float)):
             return repr(v)
         if isinstance(v, str):
-            return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+            return _toml_string(v)
         if isinstance(v, (list, tuple)):
             return "[" + ", ".join(scalar(x) for x in v) + "]"
         if isinstance(v, Mapping):
@@ -457,7 +457,21 @@ def dumps_toml(data: Mapping[str, Any]) -> str:
 
 
 def _key(k: str) -> str:
-    return k if k.replace("_", "").replace("-", "").isalnum() else f'"{k}"'
+    bare = k.replace("_", "").replace("-", "")
+    return k if bare.isascii() and bare.isalnum() else _toml_string(k)
+
+
+def _toml_string(v: str) -> str:
+    """A TOML basic string: quote, backslash and control characters (but tab) escaped."""
+    out = []
+    for ch in v:
+        if ch in '"\\':
+            out.append("\\" + ch)
+        elif (ord(ch) < 0x20 and ch != "\t") or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04x}")
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
 
 
 def _deepcopy(d: Any) -> Any:
