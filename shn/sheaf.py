@@ -94,7 +94,9 @@ def canonical_sheaf_type(name: str) -> SheafType:
 
 
 class _Tanh(torch.autograd.Function):
-    """``tanh`` computed as ``2σ(2x) − 1``: torch's CPU ``tanh`` kernel is ~3× slower than ``sigmoid``."""
+    """``tanh`` computed as ``2σ(2x) − 1``. On CPU torch routes ``tanh`` (like ``sqrt``, ``exp``) through
+    MKL VML, which is ~2× slower than ``sigmoid`` on large inputs and starts a thread team even for
+    tiny ones (a scheduler slice of latency per call on a loaded machine)."""
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:  # type: ignore[override]
@@ -281,41 +283,125 @@ def _as_graph(edge_index: Tensor | SheafGraph, num_nodes: int) -> SheafGraph:
 # ---------------------------------------------------------------------------------------------
 
 
-def _cm_matmul(a: Tensor, b: Tensor, transpose_a: bool = False) -> Tensor:
-    """Batched ``a @ b`` (or ``aᵀ @ b``) for component-major ``[d, d, B]`` operands."""
-    d = a.size(0)
+def _cm_matmul_raw(a: Tensor, b: Tensor, transpose_a: bool) -> Tensor:
     out = None
-    for k in range(d):
-        left = (a[k] if transpose_a else a[:, k]).unsqueeze(1)  # [d, 1, B]
-        term = b[k].unsqueeze(0)  # [1, d, B]
-        out = left * term if out is None else out.addcmul(left, term)
+    for k in range(a.size(0) if transpose_a else a.size(1)):  # the contracted index
+        left = (a[k] if transpose_a else a[:, k]).unsqueeze(1)  # [d_i, 1, ...]
+        term = b[k].unsqueeze(0)  # [1, d_j, ...]
+        out = left * term if out is None else out.addcmul_(left, term)
     return out
+
+
+class _CmMatmul(torch.autograd.Function):
+    """Batched ``a @ b`` / ``aᵀ @ b`` on component-major operands (``[d, d, ...]``, broadcastable
+    trailing dims) as ``d`` fused multiply-adds. Hand-written backward: autograd through the
+    indexing would allocate a zero tensor of the full operand size per selected slice."""
+
+    @staticmethod
+    def forward(ctx, a: Tensor, b: Tensor, transpose_a: bool) -> Tensor:  # type: ignore[override]
+        ctx.transpose_a = transpose_a
+        ctx.save_for_backward(a, b)
+        return _cm_matmul_raw(a, b, transpose_a)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        a, b = ctx.saved_tensors
+        ga = gb = None
+        if ctx.needs_input_grad[0]:
+            ga = _cm_matmul_raw(b, grad.transpose(0, 1), False)  # [k, i] = Σ_j b[k, j] g[i, j]
+            if not ctx.transpose_a:
+                ga = ga.transpose(0, 1)
+            ga = ga.sum_to_size(a.shape)
+        if ctx.needs_input_grad[1]:
+            gb = _cm_matmul_raw(a, grad, not ctx.transpose_a).sum_to_size(b.shape)
+        return ga, gb, None
+
+
+def _cm_matmul(a: Tensor, b: Tensor, transpose_a: bool = False) -> Tensor:
+    """Batched ``a @ b`` (or ``aᵀ @ b``) for component-major ``[d, d, ...]`` operands."""
+    return _CmMatmul.apply(a, b, transpose_a)
+
+
+def _householder_vectors(params: Tensor, d: int) -> tuple[list[Tensor], list[Tensor]]:
+    """Full-length Householder vectors ``v_k`` (``[d, B]``; zero above ``k``, one at ``k``) and their
+    ``τ_k = 2/‖v_k‖²`` from column-by-column strictly-lower-triangular parameters ``[d(d-1)/2, B]``."""
+    batch = params.size(-1)
+    vs, taus, start = [], [], 0
+    for k in range(d - 1):
+        m = d - 1 - k
+        tail = params[start : start + m]
+        start += m
+        vs.append(torch.cat([params.new_zeros(k, batch), params.new_ones(1, batch), tail], 0))
+        taus.append(2.0 / (1.0 + tail.square().sum(0)))
+    return vs, taus
+
+
+def _reflect_right(p: Tensor, v: Tensor, tau: Tensor) -> Tensor:
+    """``P H = P − τ (P v) vᵀ`` for component-major ``P`` (``[d, d, B]``), ``v`` (``[d, B]``)."""
+    pv = _cm_matvec(p, v)
+    return p - (tau * pv).unsqueeze(1) * v.unsqueeze(0)
+
+
+def _cm_matvec(a: Tensor, v: Tensor, transpose_a: bool = False) -> Tensor:
+    """``a @ v`` (or ``aᵀ @ v``) for ``a`` ``[d, d, B]``, ``v`` ``[d, B]`` → ``[d, B]``."""
+    out = None
+    for k in range(v.size(0)):
+        term = (a[k] if transpose_a else a[:, k]) * v[k]
+        out = term if out is None else out.add_(term)
+    return out
+
+
+class _Householder(torch.autograd.Function):
+    """``Q = H_1 ⋯ H_{d-1} S`` (``S`` flips the last column) from ``[d(d-1)/2, B]`` parameters → ``[d, d, B]``.
+
+    Backward sweeps the reflectors in reverse. With ``P_k = P_{k-1} H_k`` and ``G_k = ∂ℓ/∂P_k``:
+    ``∂ℓ/∂H_k = P_{k-1}ᵀ G_k`` and ``G_{k-1} = G_k H_k``; reflections are involutions, so
+    ``P_{k-1} = P_k H_k`` is recomputed instead of stored. For ``H = I − τ v vᵀ``, ``τ = 2/vᵀv``
+    and ``M = ∂ℓ/∂H``: ``∂ℓ/∂v = τ² (vᵀMv) v − τ (M + Mᵀ) v``.
+    """
+
+    @staticmethod
+    def forward(ctx, params: Tensor, d: int) -> Tensor:  # type: ignore[override]
+        vs, taus = _householder_vectors(params, d)
+        q = torch.eye(d, dtype=params.dtype, device=params.device).unsqueeze(-1).expand(d, d, params.size(-1))
+        for v, tau in zip(vs, taus):
+            q = _reflect_right(q, v, tau)
+        q = q.clone() if not vs else q
+        q[:, -1] = -q[:, -1]
+        ctx.d = d
+        ctx.save_for_backward(params, q)
+        return q
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        params, q = ctx.saved_tensors
+        d = ctx.d
+        vs, taus = _householder_vectors(params, d)
+        g = grad.clone()
+        g[:, -1] = -g[:, -1]
+        p = q.clone()
+        p[:, -1] = -p[:, -1]
+        grads = []
+        for k in reversed(range(d - 1)):
+            v, tau = vs[k], taus[k]
+            p = _reflect_right(p, v, tau)  # P_{k-1}
+            a = _cm_matvec(g, v)  # G_k v
+            b = _cm_matvec(p, v)  # P_{k-1} v
+            m_v = _cm_matvec(p, a, transpose_a=True)  # M v
+            mt_v = _cm_matvec(g, b, transpose_a=True)  # Mᵀ v
+            s = (a * b).sum(0)  # vᵀ M v
+            gv = (tau * tau * s) * v - tau * (m_v + mt_v)
+            grads.append(gv[k + 1 :])
+            g = g - (tau * a).unsqueeze(1) * v.unsqueeze(0)  # G_{k-1} = G_k H_k
+        if not grads:
+            return params.new_zeros(params.shape), None
+        return torch.cat(grads[::-1], 0), None
 
 
 def _householder_cm(params: Tensor, d: int) -> Tensor:
     """Component-major Householder map: ``[d(d-1)/2, B]`` → ``[d, d, B]`` (see :func:`householder_orthogonal`)."""
-    batch = params.size(-1)
-    if d == 1:
-        return -params.new_ones(1, 1, batch)
-    q = None
-    start = 0
-    for k in range(d - 1):
-        m = d - 1 - k
-        tail = params[start : start + m]  # [m, B]: entries of v_k below its unit diagonal
-        start += m
-        tau = 2.0 / (1.0 + tail.square().sum(0))  # [B], makes H_k exactly orthogonal
-        v = torch.cat([tail.new_ones(1, batch), tail], 0)  # [d-k, B]
-        if q is None:  # Q = H_1 = I − τ v vᵀ
-            eye = torch.eye(d, dtype=params.dtype, device=params.device).unsqueeze(-1)
-            q = eye - (tau * v).unsqueeze(1) * v.unsqueeze(0)
-        else:  # Q ← Q H_k only touches columns k.. (v_k is zero above k)
-            qk = q[:, k:]  # [d, d-k, B]
-            qv = qk[:, 0] + (qk[:, 1:] * tail.unsqueeze(0)).sum(1)  # [d, B]
-            q = torch.cat([q[:, :k], qk - (tau * qv).unsqueeze(1) * v.unsqueeze(0)], 1)
-    # Last reflector H_d = I − 2 e_d e_dᵀ: flip the sign of the last column.
-    sign = torch.ones(d, dtype=params.dtype, device=params.device)
-    sign[-1] = -1.0
-    return q * sign.view(1, d, 1)
+    return _Householder.apply(params, d)
 
 
 def householder_orthogonal(params: Tensor, d: int) -> Tensor:
@@ -332,49 +418,69 @@ def householder_orthogonal(params: Tensor, d: int) -> Tensor:
     return _householder_cm(params.t(), d).permute(2, 0, 1)
 
 
+#: Below this many matrices one LAPACK ``eigh`` call per matrix is cheaper than Jacobi sweeps.
+_JACOBI_MIN_BATCH = 1536
+
+
 def _jacobi_eigh(a: Tensor, max_sweeps: int = 30) -> tuple[Tensor, Tensor]:
     """Eigen-decomposition of symmetric component-major ``a`` (``[d, d, B]``) by cyclic Jacobi.
 
-    Every rotation is a few elementwise ops across the batch, so for small ``d`` this beats a
-    LAPACK call per matrix by ~10×. Jacobi is backward stable with high relative accuracy and
-    converges quadratically; it stops once all off-diagonal entries are below ``eps·‖a‖``.
-    Returns ``(evals [d, B], evecs [d, d, B])`` with ``a = V diag(λ) Vᵀ`` (columns of ``V``).
+    Each rotation is a few elementwise ops across the whole batch, which for small ``d`` and large
+    ``B`` beats one LAPACK call per matrix several times over. Jacobi is backward stable, has high
+    relative accuracy and converges quadratically; it stops once every off-diagonal entry is below
+    ``eps·max|a|``. Returns ``(evals [d, B], evecs [d, d, B])``, ``a = V diag(λ) Vᵀ``.
     """
-    d = a.size(0)
-    a = a.detach().clone()
-    vecs = torch.eye(d, dtype=a.dtype, device=a.device).unsqueeze(-1).repeat(1, 1, a.size(-1))
-    if d == 1:
-        return a[0], vecs
-    scale = a.abs().amax(dim=(0, 1)).clamp_min(torch.finfo(a.dtype).tiny)  # [B]
-    tol = torch.finfo(a.dtype).eps
-    pairs = [(p, q) for p in range(d - 1) for q in range(p + 1, d)]
-    for _ in range(max_sweeps):
-        off = torch.stack([a[p, q] for p, q in pairs]).abs().amax(0) / scale
-        if float(off.max()) <= tol:
-            break
-        for p, q in pairs:
-            apq = a[p, q]
-            nonzero = apq != 0
-            # tan θ of the rotation zeroing a_pq (smaller root: |θ| ≤ π/4 for stability)
-            theta = (a[q, q] - a[p, p]) / torch.where(nonzero, 2.0 * apq, torch.ones_like(apq))
-            t = torch.sign(theta) / (theta.abs() + torch.hypot(torch.ones_like(theta), theta))
-            t = torch.where(nonzero, torch.where(theta == 0, torch.ones_like(t), t), torch.zeros_like(t))
-            c = torch.rsqrt(1.0 + t * t)
-            s = t * c
-            # A ← Jᵀ A J with J the (p, q) Givens rotation; columns then rows.
-            ap, aq = a[:, p].clone(), a[:, q].clone()
-            a[:, p] = c * ap - s * aq
-            a[:, q] = s * ap + c * aq
-            rp, rq = a[p].clone(), a[q].clone()
-            a[p] = c * rp - s * rq
-            a[q] = s * rp + c * rq
-            a[p, q] = 0.0
-            a[q, p] = 0.0
-            vp, vq = vecs[:, p].clone(), vecs[:, q].clone()
-            vecs[:, p] = c * vp - s * vq
-            vecs[:, q] = s * vp + c * vq
-    evals = torch.stack([a[i, i] for i in range(d)])
-    return evals, vecs
+    d, batch = a.size(0), a.size(-1)
+    a = a.detach()
+    # Symmetric entries as separate [B] vectors and eigenvector columns as [d, B] tensors: the
+    # rotations then just rebind names (no copies, no index writes).
+    ent = {(p, q): a[p, q].clone() for p in range(d) for q in range(p, d)}
+    cols = [torch.zeros(d, batch, dtype=a.dtype, device=a.device) for _ in range(d)]
+    for i in range(d):
+        cols[i][i] = 1.0
+    if d > 1:
+        scale = a.abs().amax(dim=(0, 1)).clamp_min(torch.finfo(a.dtype).tiny)
+        tol = torch.finfo(a.dtype).eps
+        pairs = [(p, q) for p in range(d - 1) for q in range(p + 1, d)]
+        for _ in range(max_sweeps):
+            off = torch.stack([ent[pq] for pq in pairs]).abs().amax(0).div_(scale)
+            if float(off.max()) <= tol:
+                break
+            for p, q in pairs:
+                apq = ent[(p, q)]
+                # tan θ of the rotation zeroing a_pq, the root with |θ| ≤ π/4:
+                # t = 1 / (θ + sign(θ)·√(1+θ²)), θ = (a_qq − a_pp) / (2 a_pq); θ = 0 gives t = 1.
+                # (clamped so θ² cannot overflow; y·rsqrt(y) = √y avoids VML's sqrt, see _Tanh)
+                theta = ((ent[(q, q)] - ent[(p, p)]) / (2.0 * apq)).clamp(-1e18, 1e18)
+                y = theta * theta + 1.0
+                t = torch.reciprocal(theta + torch.copysign(y * torch.rsqrt(y), theta))
+                t = torch.where(apq != 0, t, torch.zeros_like(t))  # also clears 0/0
+                c = torch.rsqrt(t * t + 1.0)
+                s = t * c
+                ent[(p, p)] = ent[(p, p)] - t * apq
+                ent[(q, q)] = ent[(q, q)] + t * apq
+                ent[(p, q)] = torch.zeros_like(apq)
+                for r in range(d):
+                    if r in (p, q):
+                        continue
+                    rp, rq = (min(r, p), max(r, p)), (min(r, q), max(r, q))
+                    arp, arq = ent[rp], ent[rq]
+                    ent[rp] = c * arp - s * arq
+                    ent[rq] = s * arp + c * arq
+                vp, vq = cols[p], cols[q]
+                cols[p] = c * vp - s * vq
+                cols[q] = s * vp + c * vq
+    evals = torch.stack([ent[(i, i)] for i in range(d)])
+    return evals, torch.stack(cols, 1)
+
+
+def _eigh_cm(a: Tensor) -> tuple[Tensor, Tensor]:
+    """Eigen-decomposition of component-major symmetric ``a`` (``[d, d, B]``): LAPACK for small
+    batches, batched Jacobi for large ones (both exact to working precision)."""
+    if a.size(-1) < _JACOBI_MIN_BATCH or a.device.type != "cpu":
+        evals, evecs = torch.linalg.eigh(a.detach().permute(2, 0, 1))
+        return evals.t(), evecs.permute(1, 2, 0)
+    return _jacobi_eigh(a)
 
 
 def symmetric_eig(a: Tensor) -> tuple[Tensor, Tensor]:
@@ -401,10 +507,11 @@ class _SymInvSqrt(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor) -> Tensor:  # type: ignore[override]
-        evals, evecs = _jacobi_eigh(a)
-        s = evals.clamp_min(torch.finfo(a.dtype).tiny).sqrt()  # [d, B]
-        ctx.save_for_backward(evecs, s)
-        return _cm_matmul(evecs / s.unsqueeze(0), evecs.transpose(0, 1))
+        evals, evecs = _eigh_cm(a)
+        evals = evals.clamp_min(torch.finfo(a.dtype).tiny)
+        r = torch.rsqrt(evals)  # [d, B]
+        ctx.save_for_backward(evecs, evals * r)  # √λ
+        return _cm_matmul_raw(evecs * r.unsqueeze(0), evecs.transpose(0, 1), False)
 
     @staticmethod
     def backward(ctx, grad: Tensor) -> Tensor:  # type: ignore[override]
@@ -412,8 +519,8 @@ class _SymInvSqrt(torch.autograd.Function):
         g = 0.5 * (grad + grad.transpose(0, 1))
         si, sj = s.unsqueeze(1), s.unsqueeze(0)
         k = -1.0 / (si * sj * (si + sj))  # [d, d, B]
-        inner = _cm_matmul(evecs, _cm_matmul(g, evecs), transpose_a=True) * k
-        return _cm_matmul(_cm_matmul(evecs, inner), evecs.transpose(0, 1))
+        inner = _cm_matmul_raw(evecs, _cm_matmul_raw(g, evecs, False), True) * k
+        return _cm_matmul_raw(_cm_matmul_raw(evecs, inner, False), evecs.transpose(0, 1), False)
 
 
 def sym_inv_sqrt(a: Tensor) -> Tensor:
@@ -511,12 +618,29 @@ def _edge_gather(values: Tensor, z: Tensor, graph: SheafGraph, beta: float) -> T
     return out + z if beta else out
 
 
-def _use_sparse(backend: Backend, z: Tensor) -> bool:
+def _halves(t: Tensor) -> tuple[Tensor, Tensor]:
+    """Split the last dim in two equal halves (``split``: its backward is one concatenation, while
+    slicing's backward zero-fills a full-size tensor per slice)."""
+    h = t.size(-1) // 2
+    return t.split(h, dim=-1) if h else (t[..., :0], t[..., :0])
+
+
+#: ``backend="auto"`` uses the sparse kernels from this many ``d·E`` block rows on. Below it the
+#: gather formulation is as fast, and it stays single-threaded (under torch's parallel grain size),
+#: while a sparse call always forks — costly on a loaded machine (PFL client graphs are small).
+_SPARSE_MIN_ROWS = 16384
+
+
+def _use_sparse(backend: Backend, z: Tensor, num_edges: int) -> bool:
     if backend == "sparse":
         return True
     if backend == "gather":
         return False
-    return z.device.type in ("cpu", "cuda") and z.dtype in (torch.float32, torch.float64)
+    return (
+        z.device.type in ("cpu", "cuda")
+        and z.dtype in (torch.float32, torch.float64)
+        and z.size(0) * num_edges >= _SPARSE_MIN_ROWS
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -617,17 +741,19 @@ class SheafLearner(nn.Module):
             w_right.append(self.weight_linear.weight[:, dh:])
         k = p + (self.weight_linear is not None)
         # One GEMM gives both per-node halves, transposed ([2k, N]) so per-edge data is component-major.
-        proj = torch.mm(torch.cat(w_left + w_right, 0), x.t())
+        proj_l, proj_r = torch.mm(torch.cat(w_left + w_right, 0), x.t()).split(k)
         # Column m < H: W_l x_u + W_r x_v = F_{u◁e}; column H + m: W_l x_v + W_r x_u = F_{v◁e}.
-        pre = proj[:k].index_select(1, graph.uv) + proj[k:].index_select(1, graph.vu)  # [k, 2H]
+        pre = proj_l.index_select(1, graph.uv) + proj_r.index_select(1, graph.vu)  # [k, 2H]
         weight = None
         if self.weight_linear is not None:
-            gate = torch.sigmoid(pre[p])
-            weight = gate[:h] * gate[h:]
+            # split (not slicing): slicing's backward zero-fills a full-size tensor per slice
+            pre, gate = pre.split(p)
+            gate_u, gate_v = _halves(torch.sigmoid(gate.squeeze(0)))
+            weight = gate_u * gate_v
         if self.sheaf_type == "orth":
-            maps = _householder_cm(pre[:p], d)
+            maps = _householder_cm(pre, d)
         else:
-            maps = _ACTIVATIONS[self.sheaf_act](pre[:p])
+            maps = _ACTIVATIONS[self.sheaf_act](pre)
             if self.sheaf_type == "general":
                 maps = maps.view(d, d, 2 * h)
         return RestrictionMaps(self.sheaf_type, maps, weight, graph)
@@ -685,7 +811,7 @@ class SheafLaplacian:
     def _edge(self, z: Tensor, beta: float) -> Tensor:
         if self.graph.num_edges == 0:
             return z.clone() if beta else torch.zeros_like(z)
-        if _use_sparse(self.backend, z):
+        if _use_sparse(self.backend, z, self.graph.num_edges):
             return _EdgeOperator.apply(self.edge_values, z.contiguous(), self.graph, beta)
         return _edge_gather(self.edge_values, z, self.graph, beta)
 
@@ -765,15 +891,14 @@ def build_laplacian(
         c = w if c is None else c * w
     c2 = None if c is None else torch.cat([c, c])  # per (edge, side)
 
+    fu, fv = _halves(f)
     if kind == "diag":
-        fu, fv = f[:, :h], f[:, h:]
         prod = fu * fv if c is None else fu * fv * c  # (T_e)_ii, the same for both orientations
         values = prod.index_select(1, graph.pos % max(h, 1))
         sq = f.square() if c2 is None else f.square() * c2
         degree = f.new_zeros(d, n).index_add_(1, graph.uv, sq)
         norm = (degree + 1.0).rsqrt() if normalised else None
     else:
-        fu, fv = f[..., :h], f[..., h:]
         fvc = fv if c is None else fv * c
         prod = _cm_matmul(fu, fvc, transpose_a=True)  # P[a, b, k] = (c F_uᵀ F_v)_ab, [d, d, H]
         # Values [j, i, e] = (T_e)_ij: for e = (u, v) that is P[i, j] (the transpose of P as laid
@@ -788,7 +913,8 @@ def build_laplacian(
             norm = (degree + 1.0).rsqrt() if normalised else None
         else:
             gram = _cm_matmul(f, f if c2 is None else f * c2, transpose_a=True)  # [d, d, 2H]
-            degree = f.new_zeros(d, d, n).index_add_(2, graph.uv, gram)
+            # 2-D view: index ops along the last dim of a 3-D tensor take a much slower path.
+            degree = f.new_zeros(d * d, n).index_add_(1, graph.uv, gram.view(d * d, -1)).view(d, d, n)
             norm = None
             if normalised:
                 eye = torch.eye(d, dtype=f.dtype, device=f.device).unsqueeze(-1)
@@ -842,7 +968,7 @@ class SheafDiffusionLayer(nn.Module):
         y = laplacian.apply_stalk_major(y)
         if self.use_act:
             y = F.elu(y)
-        return torch.addcmul(-y, x, (1.0 + torch.tanh(self.epsilon)).view(d, 1, 1))
+        return torch.addcmul(-y, x, (1.0 + _tanh(self.epsilon)).view(d, 1, 1))
 
     def extra_repr(self) -> str:
         return (
