@@ -58,16 +58,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     from shn.sweep import sweep
 
     best = sweep(args.config, trials=args.trials, storage=args.storage, workers=args.workers, study_name=args.study,
-                 overrides=args.overrides, out=args.out)
+                 overrides=args.overrides, out=args.out, pruner=args.pruner, n_startup_trials=args.n_startup_trials,
+                 n_warmup_steps=args.n_warmup_steps, progress=not args.no_progress)
     print(json.dumps(best))
+    if best["best_config"] is None:
+        print("shn: error: no trial completed, so there is no best config (see trials.csv)", file=sys.stderr)
+        return 1
     return 0
 
 
 def _cmd_suite(args: argparse.Namespace) -> int:
     from shn.suite import run_suite
 
-    run_suite(args.suite, out=args.out, only=args.only, progress=not args.no_progress)
-    return 0
+    result = run_suite(args.suite, out=args.out, only=args.only, progress=not args.no_progress)
+    print(json.dumps(result.as_dict()))
+    return 1 if result.failed else 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -96,11 +101,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--study", default=None, help="study name (default: the config's stem)")
     p.add_argument("--out", default=None, help="output directory (default sweeps/<study>)")
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--pruner", choices=("median", "none"), default="median",
+                   help="median: optuna MedianPruner on the per-evaluation validation metric (default)")
+    p.add_argument("--n-startup-trials", type=int, default=5, help="median pruner: trials before pruning starts")
+    p.add_argument("--n-warmup-steps", type=int, default=0, help="median pruner: no pruning before this round")
+    p.add_argument("--no-progress", action="store_true", help="no per-trial lines on stderr")
     p.set_defaults(func=_cmd_sweep)
     p = sub.add_parser("suite", help="run every (method, task, seed) of a suite, skipping finished runs")
     p.add_argument("suite")
     p.add_argument("--out", default=None)
-    p.add_argument("--only", action="append", default=[], help="run only entries whose name contains this")
+    p.add_argument("--only", action="append", default=[],
+                   help="run only runs whose '<entry name>/<method>' contains this (repeatable)")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_suite)
     p = sub.add_parser("report", help="markdown table + plots from run directories")

@@ -1,0 +1,305 @@
+"""``shn suite SUITE.toml``: every (method, task, seed) of a comparison, resumable.
+
+A suite file lists entries; each entry is a base config run with several methods and seeds::
+
+    out = "experiments/results/suite"          # default output folder (--out overrides)
+    set = ["device=\\"cpu\\""]                   # overrides for every run (optional)
+
+    [[runs]]
+    name = "cifar10-path"                      # output folder of the entry
+    config = "experiments/configs/cifar10_pfedhn.toml"
+    seeds = [0, 1, 2]
+    set = ["rounds=60", "eval_every=10"]       # overrides for this entry's runs
+    methods = [
+        "local", "fedavg", "pfedhn",           # a registered method name, or a variant:
+        { name = "shn-knn", method = "shn", set = ["graph.kind=\\"knn\\""] },
+    ]
+    grid = { "encoder.layers" = [1, 2, 4] }    # optional: one run per combination (depth studies)
+
+Run ``r`` of method (variant) ``m`` and seed ``s`` goes to ``<out>/<name>/<m>/seed<s>/``, or
+``<out>/<name>/<m>/<key=value,...>/seed<s>/`` with a grid. Overrides apply in the order: config
+file, suite ``set``, entry ``set``, variant ``set``, grid values, then ``method`` and ``seed``.
+Paths in the suite (``config``, ``out``) and in the configs are relative to the working
+directory (run from the repository root).
+
+Everything is validated before anything runs: unknown keys, missing config files, unknown
+method names (with the registered ones listed) and every run's resolved config; ``--only`` (a
+substring of ``<name>/<variant>``) selects runs first, so a suite naming a method that does not
+exist yet can still run its other parts. Runs whose ``summary.json`` exists are skipped; a run
+killed midway continues from its last checkpoint (``resume=True``; set ``checkpoint_every``).
+An error in one run is logged (``<run dir>/error.log``, ``<out>/suite_log.jsonl``) and the suite
+goes on; ``shn suite`` exits non-zero at the end if any run failed. Graph methods with an inferred
+graph go through the three-stage pipeline (``shn.runner.run`` does that).
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import shutil
+import time
+import tomllib
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict
+
+log = logging.getLogger("shn.suite")
+
+_SUITE_KEYS = {"out", "set", "runs"}
+_ENTRY_KEYS = {"name", "config", "methods", "seeds", "set", "grid"}
+_VARIANT_KEYS = {"name", "method", "set"}
+
+
+class SuiteError(ConfigError):
+    """A malformed suite file (printed as one line by the CLI, exit code 2)."""
+
+
+@dataclass(frozen=True)
+class Job:
+    """One run of the suite."""
+
+    entry: str
+    variant: str
+    method: str
+    seed: int
+    grid: tuple[tuple[str, Any], ...]
+    config_path: str
+    overrides: tuple[str, ...]
+    run_dir: Path
+
+    @property
+    def label(self) -> str:
+        grid = ",".join(f"{k}={_show(v)}" for k, v in self.grid)
+        return "/".join([self.entry, self.variant] + ([grid] if grid else []) + [f"seed{self.seed}"])
+
+    def config(self) -> RunConfig:
+        path = Path(self.config_path)
+        data = tomllib.loads(path.read_text())
+        return config_from_dict(apply_overrides(data, list(self.overrides)))
+
+
+@dataclass
+class SuiteResult:
+    jobs: list[Job]
+    done: list[Job] = field(default_factory=list)
+    skipped: list[Job] = field(default_factory=list)
+    failed: list[tuple[Job, str]] = field(default_factory=list)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"runs": len(self.jobs), "done": len(self.done), "skipped": len(self.skipped),
+                "failed": [{"run": j.label, "error": e} for j, e in self.failed]}
+
+
+def _show(v: Any) -> str:
+    return json.dumps(v) if not isinstance(v, str) else v
+
+
+def _toml_value(v: Any) -> str:
+    if isinstance(v, bool):
+        return "true" if v else "false"
+    if isinstance(v, str):
+        return json.dumps(v)
+    if isinstance(v, (int, float)):
+        return repr(v)
+    if isinstance(v, list):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    raise SuiteError(f"grid value {v!r}: expected a string, number, boolean or list")
+
+
+def _strings(value: Any, where: str) -> tuple[str, ...]:
+    if value is None:
+        return ()
+    if not isinstance(value, list) or not all(isinstance(s, str) for s in value):
+        raise SuiteError(f"{where}: expected a list of \"KEY=VALUE\" strings, got {value!r}")
+    for s in value:
+        if "=" not in s:
+            raise SuiteError(f"{where}: {s!r} is not KEY=VALUE")
+    return tuple(value)
+
+
+def load_suite(path: str | Path, out: str | Path | None = None) -> tuple[list[Job], Path]:
+    """Parse and expand a suite file into jobs (no config validation yet)."""
+    path = Path(path)
+    if not path.is_file():
+        raise SuiteError(f"{path}: suite file not found")
+    try:
+        data = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise SuiteError(f"{path}: not valid TOML ({e})") from None
+    unknown = sorted(set(data) - _SUITE_KEYS)
+    if unknown:
+        raise SuiteError(f"{path}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(_SUITE_KEYS))}")
+    root = Path(out) if out is not None else Path(data.get("out") or Path("runs") / "suites" / path.stem)
+    common = _strings(data.get("set"), f"{path}: set")
+    entries = data.get("runs")
+    if not isinstance(entries, list) or not entries:
+        raise SuiteError(f"{path}: no [[runs]] entries")
+    jobs: list[Job] = []
+    names: set[str] = set()
+    for i, entry in enumerate(entries):
+        where = f"{path}: runs[{i}]"
+        if not isinstance(entry, Mapping):
+            raise SuiteError(f"{where}: expected a table")
+        unknown = sorted(set(entry) - _ENTRY_KEYS)
+        if unknown:
+            raise SuiteError(f"{where}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(_ENTRY_KEYS))}")
+        name = entry.get("name")
+        if not isinstance(name, str) or not name or "/" in name:
+            raise SuiteError(f"{where}.name: expected a non-empty folder name, got {name!r}")
+        if name in names:
+            raise SuiteError(f"{where}.name: {name!r} is used by two entries")
+        names.add(name)
+        where = f"{path}: runs {name!r}"
+        config = entry.get("config")
+        if not isinstance(config, str):
+            raise SuiteError(f"{where}.config: expected a config file path, got {config!r}")
+        if not Path(config).is_file():
+            raise SuiteError(f"{where}.config: {config} not found (paths are relative to the working directory)")
+        seeds = entry.get("seeds", [0])
+        if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds):
+            raise SuiteError(f"{where}.seeds: expected a non-empty list of integers ≥ 0, got {seeds!r}")
+        entry_set = _strings(entry.get("set"), f"{where}.set")
+        variants = _variants(entry.get("methods"), where)
+        grid = entry.get("grid") or {}
+        if not isinstance(grid, Mapping) or not all(isinstance(v, list) and v for v in grid.values()):
+            raise SuiteError(f"{where}.grid: expected a table of key = [values...], got {grid!r}")
+        combos = [tuple(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [()]
+        for vname, method, vset in variants:
+            for combo in combos:
+                grid_set = tuple(f"{k}={_toml_value(v)}" for k, v in combo)
+                for seed in seeds:
+                    sub = ([",".join(f"{k}={_show(v)}" for k, v in combo)] if combo else []) + [f"seed{seed}"]
+                    run_dir = root.joinpath(name, vname, *sub)
+                    overrides = common + entry_set + vset + grid_set + (f"method={json.dumps(method)}", f"seed={seed}")
+                    jobs.append(Job(name, vname, method, seed, combo, config, overrides, run_dir))
+    return jobs, root
+
+
+def _variants(methods: Any, where: str) -> list[tuple[str, str, tuple[str, ...]]]:
+    if not isinstance(methods, list) or not methods:
+        raise SuiteError(f"{where}.methods: expected a non-empty list of method names or variant tables")
+    out, seen = [], set()
+    for m in methods:
+        if isinstance(m, str):
+            name, method, vset = m, m, ()
+        elif isinstance(m, Mapping):
+            unknown = sorted(set(m) - _VARIANT_KEYS)
+            if unknown:
+                raise SuiteError(f"{where}.methods: unknown key {unknown[0]!r} in {dict(m)!r}; allowed: "
+                                 + ", ".join(sorted(_VARIANT_KEYS)))
+            method = m.get("method")
+            name = m.get("name", method)
+            if not isinstance(method, str) or not isinstance(name, str) or not name or "/" in name:
+                raise SuiteError(f"{where}.methods: a variant needs method = \"<registered method>\" and a "
+                                 f"folder name, got {dict(m)!r}")
+            vset = _strings(m.get("set"), f"{where}.methods[{name!r}].set")
+        else:
+            raise SuiteError(f"{where}.methods: expected a method name or a variant table, got {m!r}")
+        if name in seen:
+            raise SuiteError(f"{where}.methods: {name!r} appears twice (give variants distinct names)")
+        seen.add(name)
+        out.append((name, method, vset))
+    return out
+
+
+def select(jobs: Sequence[Job], only: Sequence[str] = ()) -> list[Job]:
+    """Jobs whose ``<entry>/<variant>`` contains one of ``only`` (all when empty)."""
+    if not only:
+        return list(jobs)
+    return [j for j in jobs if any(o in f"{j.entry}/{j.variant}" for o in only)]
+
+
+def validate(jobs: Sequence[Job]) -> None:
+    """Unknown methods (all listed at once) and every run's resolved config, before any run."""
+    from shn.registry import METHODS
+
+    missing = sorted({(j.entry, j.method) for j in jobs if j.method not in METHODS})
+    if missing:
+        what = "; ".join(f"runs {e!r}: {m!r}" for e, m in missing)
+        raise SuiteError(f"unknown method(s) — {what}. Registered methods: {', '.join(METHODS.names())}. "
+                         "Use --only to run the other parts of the suite")
+    for j in jobs:
+        try:
+            j.config()
+        except ConfigError as e:
+            raise SuiteError(f"{j.label}: {e}") from None
+
+
+def run_suite(suite_path: str | Path, out: str | Path | None = None, only: Sequence[str] = (),
+              progress: bool = True) -> SuiteResult:
+    """Run every selected job of the suite not yet finished; see the module doc."""
+    import shn  # noqa: F401  (registers methods and tasks)
+    from shn.runner import run
+
+    jobs, root = load_suite(suite_path, out)
+    jobs = select(jobs, only)
+    if not jobs:
+        raise SuiteError(f"--only {list(only)!r} selects no run of {suite_path}")
+    validate(jobs)
+    root.mkdir(parents=True, exist_ok=True)
+    copy = root / "suite.toml"
+    if Path(suite_path).resolve() != copy.resolve():
+        shutil.copyfile(suite_path, copy)  # provenance: the suite that made these runs
+    result = SuiteResult(jobs)
+    bar = _bar(len(jobs), progress)
+    for job in jobs:
+        bar.set_postfix_str(job.label)
+        if (job.run_dir / "summary.json").is_file():
+            result.skipped.append(job)
+            bar.update(1)
+            continue
+        t0 = time.perf_counter()
+        status: dict[str, Any] = {"run": job.label, "run_dir": str(job.run_dir)}
+        try:
+            res = run(job.config(), run_dir=job.run_dir, resume=True, progress=False)
+        except KeyboardInterrupt:
+            _log(root, {**status, "status": "interrupted", "seconds": round(time.perf_counter() - t0, 1)})
+            raise
+        except Exception as e:  # noqa: BLE001 — one broken run must not stop the suite
+            message = f"{type(e).__name__}: {e}"
+            job.run_dir.mkdir(parents=True, exist_ok=True)
+            (job.run_dir / "error.log").write_text(traceback.format_exc())
+            log.error("suite run %s failed: %s (traceback in %s)", job.label, message, job.run_dir / "error.log")
+            result.failed.append((job, message))
+            _log(root, {**status, "status": "failed", "error": message, "seconds": round(time.perf_counter() - t0, 1)})
+        else:
+            result.done.append(job)
+            primary = res.summary.get("primary_metric")
+            value = res.summary["metrics"].get(primary)
+            _log(root, {**status, "status": "done", "seconds": round(time.perf_counter() - t0, 1), primary: value})
+            if progress:
+                shown = f"{value:.4f}" if isinstance(value, (int, float)) else repr(value)
+                bar.write(f"{job.label}: {primary} = {shown} ({time.perf_counter() - t0:.0f} s)")
+        bar.update(1)
+    bar.close()
+    if result.failed:
+        log.error("%d of %d suite runs failed: %s", len(result.failed), len(jobs),
+                  ", ".join(j.label for j, _ in result.failed))
+    return result
+
+
+def _log(root: Path, record: Mapping[str, Any]) -> None:
+    with open(root / "suite_log.jsonl", "a") as f:
+        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}) + "\n")
+
+
+class _NoBar:
+    def update(self, n: int) -> None: ...
+
+    def set_postfix_str(self, s: str) -> None: ...
+
+    def write(self, s: str) -> None: ...
+
+    def close(self) -> None: ...
+
+
+def _bar(total: int, enabled: bool):
+    if not enabled:
+        return _NoBar()
+    from tqdm.auto import tqdm
+
+    return tqdm(total=total, desc="suite", unit="run", dynamic_ncols=True)

@@ -1,0 +1,152 @@
+"""shn sweep: search-space validation, a 2-worker SQLite sweep that prunes, resumes after an
+interruption without repeating trials and writes a runnable best config, the exact trial budget
+under concurrent workers, and seed → trial-sequence determinism (tiny digits runs)."""
+
+from __future__ import annotations
+
+import csv
+import json
+import threading
+from pathlib import Path
+
+import optuna
+import pytest
+
+from shn.cli import main
+from shn.config import ConfigError, load_config
+from shn.sweep import Objective, _Spec, _work, open_storage, parse_space, sweep
+
+TINY = """
+method = "local"
+seed = 0
+rounds = 3
+clients_per_round = 4
+eval_every = 1
+
+[task]
+name = "digits"
+num_clients = 4
+partition = "pathological"
+classes_per_client = 2
+
+[local]
+steps = 2
+batch_size = 16
+"""
+
+
+def write_config(tmp_path: Path, sweep_table: str, name: str = "tiny.toml") -> Path:
+    path = tmp_path / name
+    path.write_text(TINY + "\n[sweep]\n" + sweep_table)
+    return path
+
+
+@pytest.mark.parametrize("table, message", [
+    ({"server.lr": {"type": "normal", "low": 0, "high": 1}}, r"sweep\.'server\.lr'\.type: 'normal' is not allowed"),
+    ({"server.lr": {"type": "float", "low": 1.0, "high": 0.1}}, r"low = 1\.0 is greater than high = 0\.1"),
+    ({"server.lr": {"type": "float", "low": 0.0, "high": 0.1, "log": True}}, r"log = true needs low > 0"),
+    ({"server.lr": {"type": "float", "high": 0.1}}, r"\.low: required"),
+    ({"local.steps": {"type": "int", "low": 1.5, "high": 4}}, r"\.low: expected an integer"),
+    ({"encoder.sheaf_type": {"type": "categorical", "choices": []}}, r"\.choices: expected a non-empty list"),
+    ({"server.lr": {"type": "float", "low": 0.1, "high": 0.2, "scale": 2}}, r"\.scale: unknown key"),
+    ({"server.lr": 0.1}, r"expected a distribution table"),
+])
+def test_space_validation(table, message):
+    with pytest.raises(ConfigError, match=message):
+        parse_space(table)
+
+
+def test_space_must_name_valid_config_values(tmp_path):
+    cfg = write_config(tmp_path, '"server.lrr" = { type = "float", low = 0.01, high = 0.1 }\n')
+    with pytest.raises(ConfigError, match=r"server\.lrr.*unknown key"):
+        sweep(cfg, trials=1, out=tmp_path / "out")
+    cfg = write_config(tmp_path, '"encoder.sheaf_type" = { type = "categorical", choices = ["diag", "round"] }\n')
+    with pytest.raises(ConfigError, match=r"encoder\.sheaf_type = 'round' does not make a valid config"):
+        sweep(cfg, trials=1, out=tmp_path / "out")
+    cfg = tmp_path / "plain.toml"
+    cfg.write_text(TINY)
+    with pytest.raises(ConfigError, match=r"no \[sweep\] table"):
+        sweep(cfg, trials=1, out=tmp_path / "out")
+
+
+def test_sqlite_two_workers_prune_resume_and_best_config(tmp_path):
+    """2 trials, then an interruption (a trial left RUNNING), then 4 trials in all: only 2 new
+    trials run, the interrupted one is not counted, the bad ones are pruned at their first
+    report by an aggressive MedianPruner, and best.toml runs with `shn run`."""
+    cfg = write_config(tmp_path, '"local.lr" = { type = "categorical", choices = [0.05, 0.0] }\n')
+    storage, out = f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "sweep"
+    study = optuna.create_study(study_name="tiny", storage=storage, direction="maximize")
+    for _ in range(2):  # lr = 0.05 learns (val acc ~0.6), lr = 0.0 does not (~0.2)
+        study.enqueue_trial({"local.lr": 0.05})
+    aggressive = dict(pruner="median", n_startup_trials=1, n_warmup_steps=0)
+
+    first = sweep(cfg, trials=2, storage=storage, workers=2, study_name="tiny", out=out, progress=False, **aggressive)
+    assert (first["trials"], first["complete"]) == (2, 2)
+    done = {t.number: t.datetime_complete for t in study.get_trials()}
+    summaries = {n: (out / "trials" / f"{n:04d}" / "summary.json").stat().st_mtime_ns for n in done}
+
+    study.ask()  # a worker killed mid-trial leaves a RUNNING trial behind
+    for _ in range(2):
+        study.enqueue_trial({"local.lr": 0.0})
+    second = sweep(cfg, trials=4, storage=storage, workers=2, study_name="tiny", out=out, progress=False, **aggressive)
+
+    trials = study.get_trials()
+    assert len(trials) == 5 and second["interrupted"] == [2]
+    assert [t.state.name for t in trials] == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED", "PRUNED"]
+    assert {t.number: t.datetime_complete for t in trials[:2]} == done  # finished trials not re-run
+    assert {n: (out / "trials" / f"{n:04d}" / "summary.json").stat().st_mtime_ns for n in done} == summaries
+    assert all(sorted(t.intermediate_values) == [1] for t in trials[3:])  # pruned at the first report
+    assert second["pruned"] == 2 and second["best_params"] == {"local.lr": 0.05}
+
+    rows = list(csv.DictReader(open(out / "trials.csv")))
+    assert [r["state"] for r in rows] == ["COMPLETE", "COMPLETE", "FAIL", "PRUNED", "PRUNED"]
+    assert [r["interrupted"] for r in rows] == ["False", "False", "True", "False", "False"]
+    best = out / "best.toml"
+    assert "[sweep]" not in best.read_text()
+    config = load_config(best)
+    assert config.local.lr == 0.05 and config.method == "local" and not config.sweep
+    assert main(["run", str(best), "--out", str(tmp_path / "best_run"), "--no-progress"]) == 0
+    summary = json.loads((tmp_path / "best_run" / "summary.json").read_text())
+    assert summary["metrics"]["val_accuracy"] == pytest.approx(second["best_value"])  # same config, same seed
+
+    other = write_config(tmp_path, '"local.lr" = { type = "float", low = 0.01, high = 0.1 }\n', "other.toml")
+    with pytest.raises(ConfigError, match="different \\[sweep\\] table"):
+        sweep(other, trials=5, storage=storage, study_name="tiny", out=out, progress=False)
+
+
+class _Sleepy(Objective):
+    """A stand-in objective (no training) to test how concurrent workers share the budget."""
+
+    def __call__(self, trial):
+        import time
+
+        time.sleep(0.05)
+        return trial.suggest_float("x", 0.0, 1.0)
+
+
+def test_concurrent_workers_share_an_exact_budget(tmp_path):
+    storage = str(tmp_path / "journal.log")
+    optuna.create_study(study_name="s", storage=open_storage(storage), direction="maximize")
+    spec = _Spec({}, {}, storage, "s", 7, str(tmp_path), 0, optuna.pruners.NopPruner(),
+                 str(tmp_path / "claim.lock"), None, False)
+    threads = [threading.Thread(target=_work, args=(spec, w, _Sleepy({}, {}, tmp_path))) for w in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    trials = optuna.load_study(study_name="s", storage=open_storage(storage)).get_trials()
+    assert len(trials) == 7 and all(t.state.name == "COMPLETE" for t in trials)
+    assert {t.user_attrs["worker"] for t in trials} == {0, 1, 2}
+
+
+def test_same_seed_same_trial_sequence(tmp_path):
+    cfg = write_config(tmp_path, '"local.lr" = { type = "float", low = 1e-3, high = 1e-1, log = true }\n'
+                                 '"local.batch_size" = { type = "categorical", choices = [8, 16] }\n')
+    runs = []
+    for name in ("a", "b"):
+        sweep(cfg, trials=3, storage=str(tmp_path / f"{name}.journal"), out=tmp_path / name, overrides=["rounds=1"],
+              progress=False)
+        study = optuna.load_study(study_name="tiny", storage=open_storage(str(tmp_path / f"{name}.journal")))
+        runs.append([t.params for t in study.get_trials()])
+    assert len(runs[0]) == 3 and runs[0] == runs[1]
+    assert len({json.dumps(p, sort_keys=True) for p in runs[0]}) == 3
