@@ -13,7 +13,7 @@ from shn.flower.cli import add_flower_parser
 
 __all__ = [
     "add_flower_parser", "make_server_app", "make_client_app", "run_federation", "run_in_process", "simulate",
-    "resolve_run_config", "InProcessGrid", "FlowerSimulation", "CohortTrainer", "StatePersonal",
+    "resolve_run_config", "InProcessGrid", "FlowerSimulation", "cohort_trainer", "StatePersonal",
 ]
 
 

@@ -46,6 +46,7 @@ accepts ``--run-config`` keys that the app's pyproject declares, hence ``overrid
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import math
@@ -69,7 +70,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity  # internal: flwr is pinned to 1.41.x
 
 from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, dumps_toml
-from shn.federated.client import ClientRuntime, PersonalStore
+from shn.federated.client import ClientRuntime
 from shn.federated.local import LocalTrainer
 from shn.federated.records import atomic_write_text
 from shn.federated.simulation import RoundFaults, Simulation, write_summary
@@ -297,7 +298,11 @@ def discover_clients(grid: Any, text: str, wanted: Sequence[int], min_nodes: int
                 if reply.has_error():
                     log.warning("node %d could not load its partition: %s", node, reply.error.reason)
                     continue
-                c = int(reply.content["metrics"]["partition-id"])
+                try:
+                    c = int(reply.content["metrics"]["partition-id"])
+                except Exception as e:  # noqa: BLE001 - not our ClientApp
+                    log.warning("node %d sent an unreadable query reply (%s); ignored", node, e)
+                    continue
                 if c not in wanted_set:
                     log.warning("node %d holds partition %d, which is not a training client of this task", node, c)
                 elif c in clients:
@@ -327,7 +332,10 @@ def run_federation(grid: Any, config: RunConfig, settings: EngineSettings = Engi
     task = built.task
     held = set(built.context.held_out)
     wanted = [c for c in range(task.num_clients) if c not in held]
-    min_nodes = settings.min_nodes or len(wanted)
+    min_nodes = min(settings.min_nodes or len(wanted), len(wanted))
+    if built.context.extras.get("after_training"):
+        log.warning("post-training steps of %s (e.g. novel-client evaluation) are not run by the Flower engine",
+                    config.method)
     text = config_text(config)
     nodes = discover_clients(grid, text, wanted, min_nodes, settings.node_timeout)
     pool = sorted(nodes)
@@ -374,20 +382,20 @@ def make_server_app(app_dir: str | Path | None = None, defaults: Mapping[str, An
 # ----------------------------------------------------------------------------------------------
 # the client
 
-class CohortTrainer(LocalTrainer):
-    """Trains one client alone with exactly the minibatches it gets in-process: its column
-    (``slot``) of the draw made for the round's whole cohort of ``cohort`` clients."""
+def cohort_trainer(trainer: LocalTrainer, slot: int, cohort: int) -> LocalTrainer:
+    """A copy of ``trainer`` that trains one client alone with exactly the minibatches it gets
+    in-process: its column ``slot`` of the draw made for the round's whole cohort of ``cohort``."""
+    if not 0 <= slot < cohort:
+        raise ValueError(f"slot {slot} outside a cohort of {cohort}")
+    out = copy.copy(trainer)
 
-    def __init__(self, template: torch.nn.Module, loss: Callable[..., Tensor], config: Any, slot: int, cohort: int) -> None:
-        super().__init__(template, loss, config)
-        if not 0 <= slot < cohort:
-            raise ValueError(f"slot {slot} outside a cohort of {cohort}")
-        self.slot, self.cohort = int(slot), int(cohort)
-
-    def minibatch_uniforms(self, generator: torch.Generator, num_clients: int) -> Tensor:
+    def minibatch_uniforms(generator: torch.Generator, num_clients: int) -> Tensor:
         if num_clients != 1:
-            raise ValueError("CohortTrainer trains exactly one client")
-        return super().minibatch_uniforms(generator, self.cohort)[:, self.slot:self.slot + 1]
+            raise ValueError("a cohort trainer trains exactly one client")
+        return trainer.minibatch_uniforms(generator, cohort)[:, slot:slot + 1]
+
+    out.minibatch_uniforms = minibatch_uniforms  # type: ignore[method-assign]
+    return out
 
 
 class StatePersonal(MutableMapping):
@@ -457,10 +465,10 @@ def client_built(text: str, client: int, node_config: Mapping[str, Any] | None =
 
 
 def _runtime(built: Built, context: Any, slot: int = 0, cohort: int = 1) -> ClientRuntime:
-    template = built.runtime.trainer.template
-    trainer = CohortTrainer(template, built.task.loss, built.config.local, slot, cohort)
-    personal = PersonalStore(built.algorithm.initial_personal(), backing=StatePersonal(context.state))
-    return ClientRuntime(built.task, trainer, built.runtime.store, personal)
+    """The built runtime with this round's cohort trainer and personal tensors in ``context.state``."""
+    personal = copy.copy(built.runtime.personal)  # same initial values, another backing
+    personal.values = StatePersonal(context.state)
+    return ClientRuntime(built.task, cohort_trainer(built.runtime.trainer, slot, cohort), built.runtime.store, personal)
 
 
 def _received(msg: Any, context: Any) -> tuple[Built, int, Mapping[str, Any], dict[str, Tensor]]:

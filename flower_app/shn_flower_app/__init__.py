@@ -1,0 +1,1 @@
+"""Flower entry points of shn; everything lives in the installed ``shn.flower.engine``."""
