@@ -8,8 +8,11 @@ from typing import Any
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
+    import logging
+
     from shn.flower.engine import simulate
 
+    logging.getLogger("flwr").propagate = False  # Flower prints its own log lines; no duplicates
     result = simulate(args.config, overrides=args.overrides, supernodes=args.supernodes, run_dir=args.out,
                       cpus_per_client=args.cpus_per_client, verbose=args.flower_verbose)
     metrics = {k: round(v, 4) for k, v in result.summary["metrics"].items() if k.startswith(("test_", "val_"))}
