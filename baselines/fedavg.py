@@ -2,7 +2,8 @@
 server optimiser. The defaults (SGD, lr 1, no momentum) are plain FedAvg; momentum
 (optionally Nesterov) gives FedAvgM and ``optimizer = "adam"`` FedAdam — the outer optimiser
 of DiLoCo and Photon. Configured under ``[methods.fedavg]``, not ``[server]`` (whose defaults
-are the hypernetwork's)."""
+are the hypernetwork's). ``aggregation = "median" | "trimmed_mean"`` replaces the weighted mean
+by a Byzantine-robust coordinate-wise rule (:mod:`shn.federated.robust`)."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ from typing import Literal
 
 from shn.config import ServerConfig
 from shn.federated.algorithm import GlobalModelAlgorithm
+from shn.federated.robust import make_aggregate
 from shn.methods import MethodContext, register_method
 
 
@@ -22,6 +24,14 @@ class FedAvgOptions:
     nesterov: bool = False
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
+    # how the accepted deltas are combined: example-weighted mean (FedAvg), or the unweighted
+    # coordinate-wise median / trimmed mean (drop floor(trim_fraction·C) per side)
+    aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
+    trim_fraction: float = 0.1
+
+    def __post_init__(self) -> None:
+        if not 0.0 <= self.trim_fraction < 0.5:
+            raise ValueError(f"trim_fraction: must be in [0, 0.5), got {self.trim_fraction!r}")
 
     def server_config(self) -> ServerConfig:
         return ServerConfig(optimizer=self.optimizer, lr=self.lr, momentum=self.momentum, nesterov=self.nesterov,
@@ -31,4 +41,6 @@ class FedAvgOptions:
 @register_method("fedavg", FedAvgOptions)
 def make_fedavg(ctx: MethodContext) -> GlobalModelAlgorithm:
     """FedAvg / FedOpt: one global model."""
-    return GlobalModelAlgorithm(ctx.initial, ctx.options.server_config(), spec=ctx.spec)
+    opts = ctx.options
+    return GlobalModelAlgorithm(ctx.initial, opts.server_config(), spec=ctx.spec,
+                                aggregate=make_aggregate(opts.aggregation, opts.trim_fraction))

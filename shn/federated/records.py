@@ -52,24 +52,33 @@ def save_checkpoint(run_dir: Path, state: Mapping[str, Any]) -> Path:
 
 
 def load_checkpoint(run_dir: Path) -> dict[str, Any] | None:
-    """The newest readable checkpoint, or None if the run has none. A corrupt newest
-    checkpoint is reported and the previous good one used; if none is readable, raise."""
+    """The newest readable checkpoint, or None if the run has none.
+
+    A corrupt or truncated newest checkpoint is reported (a warning) and the previous good one
+    used; the corrupt file is moved aside to ``<name>.corrupt`` so that the next save cannot
+    rotate it over the good one. If none is readable, raise :class:`CheckpointError` naming the
+    files (one line); nothing is moved or deleted then.
+    """
     candidates = [run_dir / "checkpoint.pt", run_dir / "checkpoint.prev.pt"]
     present = [p for p in candidates if p.exists()]
     if not present:
         return None
-    errors = []
+    errors: list[tuple[Path, str]] = []
     for p in present:
         try:
             state = torch.load(p, map_location="cpu", weights_only=False)
             if not isinstance(state, dict) or "round" not in state:
                 raise CheckpointError("not a shn checkpoint (no 'round')")
-            if errors:
-                log.warning("%s; resuming from %s instead", errors[-1], p)
-            return state
         except Exception as e:  # noqa: BLE001 - any unreadable file is reported the same way
-            errors.append(f"{p}: corrupt or truncated checkpoint ({type(e).__name__}: {e})")
-    raise CheckpointError("; ".join(errors))
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            errors.append((p, f"{p}: corrupt or truncated checkpoint ({type(e).__name__}: {first})"))
+            continue
+        for bad, why in errors:
+            aside = bad.with_name(bad.name + ".corrupt")
+            os.replace(bad, aside)
+            log.warning("%s; moved it to %s and resuming from %s (round %s)", why, aside.name, p, state["round"])
+        return state
+    raise CheckpointError(f"cannot resume from {run_dir}: no readable checkpoint: " + "; ".join(why for _, why in errors))
 
 
 def mean_over_clients(per_client: Mapping[int, Mapping[str, float]]) -> dict[str, float]:

@@ -11,7 +11,7 @@ from torch import Tensor
 
 from shn.config import ValidationConfig
 from shn.federated.algorithm import Algorithm
-from shn.federated.validation import Rejection, RejectionLog, validate_update
+from shn.federated.validation import Rejection, RejectionLog, safe_validate_update
 from shn.seeding import torch_generator
 
 
@@ -50,7 +50,7 @@ class Server:
         dtype = torch.float32
         keep_c, keep_d, keep_n = [], [], []
         for c, d, n in zip(clients, deltas, num_examples):
-            reason = validate_update(spec, d, n, self.validation.max_norm, dtype)
+            reason = safe_validate_update(spec, d, n, self.validation.max_norm, dtype)
             if reason is not None:
                 self.rejections.add(round_, Rejection(int(c), reason))
                 continue

@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import torch
 
@@ -16,7 +17,7 @@ from shn.federated.algorithm import Algorithm
 from shn.federated.client import ClientRuntime
 from shn.federated.records import MetricsLog, atomic_write_text, load_checkpoint, mean_over_clients, save_checkpoint
 from shn.federated.server import ClientSampler, Server, unstack
-from shn.seeding import torch_generator
+from shn.seeding import derive_seed, torch_generator
 
 log = logging.getLogger("shn.simulation")
 
@@ -115,15 +116,16 @@ class Simulation:
         t0 = time.perf_counter() - elapsed
         bar = _progress(cfg.rounds, start_round - 1, self.progress, f"{cfg.method}/{cfg.task.name}")
         for r in range(start_round, cfg.rounds + 1):
-            self.run_round(r)
-            bar.update(1)
-            if r % cfg.eval_every == 0 or r == cfg.rounds:
-                record = self._evaluate_round(r, time.perf_counter() - t0)
-                if metrics_log is not None:
-                    metrics_log.append(record)
-                bar.set_postfix_str(_short(record))
-                if self.on_eval is not None:
-                    self.on_eval(r, record)
+            with round_rng(cfg.seed, r, cfg.device):
+                self.run_round(r)
+                bar.update(1)
+                if r % cfg.eval_every == 0 or r == cfg.rounds:
+                    record = self._evaluate_round(r, time.perf_counter() - t0)
+                    if metrics_log is not None:
+                        metrics_log.append(record)
+                    bar.set_postfix_str(_short(record))
+                    if self.on_eval is not None:
+                        self.on_eval(r, record)
             if self.run_dir is not None and (
                 (cfg.checkpoint_every and r % cfg.checkpoint_every == 0) or r == cfg.rounds
             ):
@@ -138,8 +140,15 @@ class Simulation:
         if self._train_losses:
             record["train_loss"] = sum(self._train_losses) / len(self._train_losses)
         self._train_losses = []
+        previous = self.history[-1] if self.history else {"round": 0, "failed_clients": 0}
         record["rejected_updates"] = self.server.rejections.count()
+        record["rejected_this_period"] = sum(self.server.rejections.count(x) for x in range(int(previous["round"]) + 1, r + 1))
         record["failed_clients"] = self.failed
+        record["failed_this_period"] = self.failed - int(previous.get("failed_clients", 0))
+        attack = getattr(self.runtime, "attack", None)
+        if attack is not None:  # simulated malicious clients: the honest clients' mean test metrics
+            honest = {c: row for c, row in self.per_client.items() if int(c) not in attack.malicious}
+            record.update({f"honest_{k}": v for k, v in mean_over_clients(honest).items() if k.startswith("test_")})
         record["elapsed_s"] = round(elapsed, 3)
         self.history.append(record)
         return record
@@ -160,6 +169,20 @@ class Simulation:
         self.per_client = {int(k): v for k, v in state["per_client"].items()}
         self.failed = int(state["failed"])
         self._train_losses = list(state["train_losses"])
+
+
+@contextlib.contextmanager
+def round_rng(seed: int, round_: int, device: str | torch.device = "cpu") -> Iterator[None]:
+    """Round ``round_`` runs with torch's global RNG (CPU, and the run's CUDA device) seeded from
+    (seed, round) and restored afterwards. Every other random choice already comes from a
+    generator derived from (seed, stream, round); this covers the draws made from the global RNG
+    (dropout in graph encoders), so a run's numbers depend on nothing but the config, and the
+    round index is the whole RNG state a checkpoint needs."""
+    device = torch.device(device)
+    devices = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+        torch.manual_seed(derive_seed(seed, "global-rng", round_))
+        yield
 
 
 def _short(record: dict[str, Any]) -> str:

@@ -7,6 +7,7 @@ import math
 from dataclasses import dataclass, field
 from typing import Mapping
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -69,6 +70,8 @@ def validate_update(
         t = delta[name]
         if not isinstance(t, Tensor):
             return f"{name}: not a tensor ({type(t).__name__})"
+        if t.layout != torch.strided:
+            return f"{name}: a {t.layout} tensor, expected a dense one"
         if tuple(t.shape) != tuple(shape):
             return f"{name}: shape {tuple(t.shape)}, expected {tuple(shape)}"
         if t.dtype != dtype:
@@ -79,8 +82,20 @@ def validate_update(
     norm = math.sqrt(sq)
     if norm > max_norm:
         return f"norm {norm:.4g} above the bound {max_norm:.4g}"
+    if isinstance(num_examples, np.integer):
+        num_examples = int(num_examples)
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
         if not (isinstance(num_examples, Tensor) and num_examples.numel() == 1
                 and not num_examples.dtype.is_floating_point and int(num_examples) > 0):
             return f"example count {num_examples!r} is not a positive integer"
     return None
+
+
+def safe_validate_update(spec: ParamSpec, delta: object, num_examples: object, max_norm: float,
+                         dtype: torch.dtype = torch.float32) -> str | None:
+    """:func:`validate_update` for anything a client may send: an object that breaks the checks
+    themselves (a mapping whose lookups raise, an exotic tensor) is rejected with that reason."""
+    try:
+        return validate_update(spec, delta, num_examples, max_norm, dtype)  # type: ignore[arg-type]
+    except Exception as e:  # noqa: BLE001 - a malformed update must never take the server down
+        return f"malformed update ({type(e).__name__}: {str(e)[:200]})"

@@ -468,7 +468,8 @@ def _runtime(built: Built, context: Any, slot: int = 0, cohort: int = 1) -> Clie
     """The built runtime with this round's cohort trainer and personal tensors in ``context.state``."""
     personal = copy.copy(built.runtime.personal)  # same initial values, another backing
     personal.values = StatePersonal(context.state)
-    return ClientRuntime(built.task, cohort_trainer(built.runtime.trainer, slot, cohort), built.runtime.store, personal)
+    return ClientRuntime(built.task, cohort_trainer(built.runtime.trainer, slot, cohort), built.runtime.store, personal,
+                         attack=built.runtime.attack)  # [attack]: the same malicious clients as in-process
 
 
 def _received(msg: Any, context: Any) -> tuple[Built, int, Mapping[str, Any], dict[str, Tensor]]:
