@@ -8,7 +8,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from shn.federated.algorithm import HyperNetworkAlgorithm
-from shn.methods import MethodContext, build_hypernetwork, register_method
+from shn.methods import MethodContext, build_hypernetwork, hypernetwork_algorithm, register_method
 
 
 @dataclass(frozen=True)
@@ -17,20 +17,9 @@ class PFedHNOptions:
     head_prefix: str = "head."
 
 
-def personal_head_keys(ctx: MethodContext, enabled: bool, prefix: str) -> tuple[str, ...]:
-    if not enabled:
-        return ()
-    keys = tuple(n for n in ctx.spec.names if n.startswith(prefix))
-    if not keys:
-        raise ValueError(f"personal head requested but the target has no tensors starting with {prefix!r}: {ctx.spec.names}")
-    return keys
-
-
 @register_method("pfedhn", PFedHNOptions)
 def make_pfedhn(ctx: MethodContext) -> HyperNetworkAlgorithm:
     """pFedHN: client embedding → MLP → target weights."""
     opts = ctx.options
-    return HyperNetworkAlgorithm(
-        build_hypernetwork(ctx, "identity"), ctx.config.server, initial=ctx.initial,
-        personal_keys=personal_head_keys(ctx, opts.personal_head, opts.head_prefix), seed=ctx.seed,
-    )
+    personal = ctx.keys_with_prefix(opts.head_prefix) if opts.personal_head else ()
+    return hypernetwork_algorithm(ctx, build_hypernetwork(ctx, "identity"), personal_keys=personal)

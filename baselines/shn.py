@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 from shn.aggregation import AttentiveKeyLayerMixer
 from shn.federated.algorithm import HyperNetworkAlgorithm
-from shn.methods import MethodContext, build_hypernetwork, register_method
+from shn.methods import MethodContext, build_hypernetwork, hypernetwork_algorithm, register_method
 from shn.seeding import seeded_init
 
 
@@ -38,4 +38,4 @@ def with_attentive_aggregation(ctx: MethodContext, hn, opts: SHNOptions):
 def make_shn(ctx: MethodContext) -> HyperNetworkAlgorithm:
     """SHN: embeddings → sheaf diffusion over the client graph → heads."""
     hn = with_attentive_aggregation(ctx, build_hypernetwork(ctx, "sheaf"), ctx.options)
-    return HyperNetworkAlgorithm(hn, ctx.config.server, graph=ctx.graph, initial=ctx.initial, seed=ctx.seed)
+    return hypernetwork_algorithm(ctx, hn, graph=ctx.graph)

@@ -90,3 +90,45 @@ class AttentiveKeyLayerMixer(nn.Module):
             keep_own = ~has_neighbours[clients]
             out[name] = torch.where(keep_own.view(-1, *[1] * (own.dim() - 1)), own, mixed)
         return out
+
+
+# -- the standalone (non-hypernetwork) form: FedAtt / WorldLM attention over client layers ------
+
+def layer_attention(query: Tensor, keys: Tensor, temperature: float, similarity: str = "l2",
+                    mask: Tensor | None = None) -> Tensor:
+    """Attention of each query client over the candidate clients, from their flattened layers.
+
+    ``α_ij = softmax_j(s_ij / τ)`` with ``s_ij = −‖q_i − k_j‖₂`` (``"l2"``) or ``cos(q_i, k_j)``
+    (``"cosine"``), over the ``j`` allowed by ``mask``.
+
+    Args:
+        query: ``[C, D]`` the requesting clients' layers (flattened).
+        keys: ``[N, D]`` every candidate client's layer.
+        temperature: τ > 0; τ → ∞ makes α uniform over the allowed clients.
+        mask: optional ``[C, N]`` bool, True where client j may contribute to client i (each row
+            needs at least one True).
+    Returns:
+        ``[C, N]`` weights, each row summing to 1 (0 where masked out).
+    """
+    if temperature <= 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if similarity == "l2":
+        scores = -torch.cdist(query.double(), keys.double())
+    elif similarity == "cosine":
+        scores = nn.functional.normalize(query.double(), dim=-1) @ nn.functional.normalize(keys.double(), dim=-1).T
+    else:
+        raise ValueError(f"similarity must be 'l2' or 'cosine', got {similarity!r}")
+    scores = scores / temperature
+    if mask is not None:
+        if not bool(mask.any(dim=1).all()):
+            raise ValueError("every query client needs at least one allowed client in mask")
+        scores = scores.masked_fill(~mask, float("-inf"))
+    return torch.softmax(scores, dim=1).to(query.dtype)
+
+
+def attentive_step(own: Tensor, others: Tensor, alpha: Tensor, step: float) -> Tensor:
+    """``K_i ← K_i − ε Σ_j α_ij (K_i − K_j)`` (METHOD §8): ``own [C, *shape]``, ``others
+    [N, *shape]``, ``alpha [C, N]`` rows summing to 1. ``ε = 0`` keeps ``own``; ``ε = 1`` gives the
+    attention-weighted mean ``Σ_j α_ij K_j``."""
+    mixed = torch.tensordot(alpha.to(others.dtype), others, dims=1)
+    return own - step * (own - mixed)

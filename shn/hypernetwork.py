@@ -93,11 +93,12 @@ class HyperNetwork(nn.Module):
         )
         self.aggregator = aggregator
 
-    def representations(self, graph=None) -> Tensor:
-        """Encoder output for all clients, ``[N, encoder.out_dim]``."""
+    def representations(self, graph=None, embeddings: Tensor | None = None) -> Tensor:
+        """Encoder output for all clients, ``[N, encoder.out_dim]``. ``embeddings [N, e]``
+        replaces the trained table (a novel client's embedding being fitted)."""
         if self.encoder.needs_graph and graph is None:
             raise ValueError(f"{type(self.encoder).__name__} needs a client graph, got None")
-        z = self.encoder(self.embeddings.weight, graph)
+        z = self.encoder(self.embeddings.weight if embeddings is None else embeddings, graph)
         if z.dim() != 2 or z.shape != (self.num_clients, self.encoder.out_dim):
             raise ValueError(
                 f"{type(self.encoder).__name__} returned shape {tuple(z.shape)}, the heads expect "
@@ -105,11 +106,11 @@ class HyperNetwork(nn.Module):
             )
         return z
 
-    def forward(self, clients: Tensor | Sequence[int], graph=None) -> Params:
+    def forward(self, clients: Tensor | Sequence[int], graph=None, embeddings: Tensor | None = None) -> Params:
         """``{name: [C, *shape]}`` for the C requested clients, in one forward pass. Only the
         requested rows go through the trunk and heads (the heads dominate the cost)."""
         clients = torch.as_tensor(clients, dtype=torch.long, device=self.embeddings.weight.device)
-        z = self.representations(graph)
+        z = self.representations(graph, embeddings)
         if self.aggregator is not None:
             return self.aggregator(clients, z, self.generate, graph)
         return self.generate(z[clients])

@@ -8,15 +8,18 @@ template and spec, seeded initial weights, client graph, device, config) comes f
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
 
 from shn.config import RunConfig
+from shn.diagnostics import record_encoder_energy
 from shn.encoders import LearnedGraphEncoder
+from shn.federated.algorithm import HyperNetworkAlgorithm, Regularizer
 from shn.graph import LearnedGraph
 from shn.hypernetwork import Encoder, HyperNetwork, default_embed_dim
+from shn.novel import evaluate_novel_clients
 from shn.registry import ENCODERS, METHODS
 from shn.seeding import seeded_init
 from shn.target import Params, ParamSpec, module_params
@@ -35,6 +38,8 @@ class MethodContext:
     warm_embeddings: torch.Tensor | None = None
     # clients excluded from training (novel-client evaluation)
     held_out: tuple[int, ...] = ()
+    # per-client architectures when the task's clients differ (e.g. input sizes); None otherwise
+    client_templates: dict[int, nn.Module] | None = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -52,6 +57,18 @@ class MethodContext:
     @property
     def seed(self) -> int:
         return self.config.seed
+
+    def keys_with_prefix(self, prefix: str) -> tuple[str, ...]:
+        """The target tensors whose names start with ``prefix`` (e.g. ``"head."``); an error
+        naming the model's tensors when there are none."""
+        keys = tuple(n for n in self.spec.names if n.startswith(prefix))
+        if not keys:
+            raise ValueError(f"the target has no tensors starting with {prefix!r}: {self.spec.names}")
+        return keys
+
+    def after_training(self, hook: Callable[[Any], dict[str, Any]]) -> None:
+        """Run ``hook(run_result) -> dict`` once training ends; its dict joins ``summary.json``."""
+        self.extras.setdefault("after_training", []).append(hook)
 
 
 def register_method(name: str, options: type | None = None, *, needs_graph: bool = False,
@@ -96,3 +113,16 @@ def build_hypernetwork(ctx: MethodContext, encoder: str) -> HyperNetwork:
         with torch.no_grad():
             hn.embeddings.weight.copy_(ctx.warm_embeddings)
     return hn.to(ctx.device)
+
+
+def hypernetwork_algorithm(ctx: MethodContext, hn: HyperNetwork, *, graph: Any = None,
+                           personal_keys: Sequence[str] = (), regularizer: Regularizer | None = None
+                           ) -> HyperNetworkAlgorithm:
+    """The pFedHN server around ``hn`` with what every hypernetwork method reports after
+    training: novel-client generalisation (``[novel]``) and, for graph encoders, the Dirichlet
+    energy of each encoder layer's output."""
+    algorithm = HyperNetworkAlgorithm(hn, ctx.config.server, graph=graph, initial=ctx.initial,
+                                      personal_keys=personal_keys, regularizer=regularizer, seed=ctx.seed)
+    record_encoder_energy(ctx, algorithm)
+    evaluate_novel_clients(ctx, algorithm)
+    return algorithm

@@ -86,18 +86,30 @@ class LocalTrainer:
         template: the target architecture (any device; only its structure is used).
         loss: ``loss(output, *targets) -> 0-d tensor``, vmap-safe.
         config: steps, lr, momentum, weight decay, batch size, grad clip, mode.
+        templates: per-client architectures for tasks whose clients differ (e.g. input sizes);
+            such clients are trained one by one with :meth:`train_each`.
     """
 
-    def __init__(self, template: nn.Module, loss: Callable[..., Tensor], config: LocalConfig) -> None:
+    def __init__(self, template: nn.Module, loss: Callable[..., Tensor], config: LocalConfig, *,
+                 templates: Mapping[int, nn.Module] | None = None) -> None:
         self.template = template
         self.loss = loss
         self.config = config
+        self.templates = dict(templates or {})
 
         def client_loss(p: Params, x: Tensor, *targets: Tensor) -> Tensor:
             return self.loss(functional_call(self.template, p, (x,)), *targets)
 
         self._grad = grad_and_value(client_loss)
         self._vgrad = vmap(self._grad)
+        self._client_grads = {int(c): grad_and_value(self._loss_of(t)) for c, t in self.templates.items()}
+
+    def _loss_of(self, template: nn.Module) -> Callable[..., Tensor]:
+        return lambda p, x, *targets: self.loss(functional_call(template, p, (x,)), *targets)
+
+    def template_for(self, client: int) -> nn.Module:
+        """The architecture client ``client`` runs (the shared template unless it has its own)."""
+        return self.templates.get(int(client), self.template)
 
     def resolve_mode(self, device: torch.device) -> str:
         if self.config.mode != "auto":
@@ -115,10 +127,7 @@ class LocalTrainer:
             if cfg.mode == "vmap":
                 raise ValueError("local.mode = 'vmap' needs clients whose data shapes agree; use 'loop' or 'auto'")
             mode = "loop"  # auto: clients whose data shapes differ cannot be stacked
-        # One draw for every (step, client, sample): both paths see the same minibatches.
-        u = self.minibatch_uniforms(generator, C)
-        sizes = store.num_train(clients).to(torch.float64)
-        local_idx = (u * sizes[None, :, None]).long().clamp_max_((sizes - 1).long()[None, :, None])
+        local_idx = self.minibatch_indices(generator, store, clients)
         p = {k: v.detach().clone() for k, v in params.items()}
         buf: Params | None = None
         losses = torch.zeros(C, device=device)
@@ -134,6 +143,38 @@ class LocalTrainer:
             losses += loss.detach()
             p, buf = sgd_step(p, grads, buf, cfg)
         return LocalResult(p, losses / cfg.steps)
+
+    def train_each(self, params: Sequence[Mapping[str, Tensor]], store: ClientStore, clients: Sequence[int],
+                   generator: torch.Generator) -> tuple[list[Params], Tensor]:
+        """Train C clients one by one, client i from ``params[i] {name: [*shape]}`` with its own
+        template (clients whose architectures differ, so nothing can be stacked). Same minibatch
+        indices and maths as the loop path of :meth:`train`. Returns the trained dicts and the
+        mean training loss ``[C]``."""
+        cfg = self.config
+        clients = [int(c) for c in clients]
+        local_idx = self.minibatch_indices(generator, store, clients)
+        trained, losses = [], []
+        for i, c in enumerate(clients):
+            grad = self._client_grads.get(c, self._grad)
+            train = store.split(c, "train")
+            p = {k: v.detach().clone().unsqueeze(0) for k, v in params[i].items()}  # a cohort of one
+            buf: Params | None = None
+            total = torch.zeros((), device=train[0].device)
+            for step in range(cfg.steps):
+                rows = local_idx[step, i].to(train[0].device)
+                g, loss = grad({k: v[0] for k, v in p.items()}, *(t[rows] for t in train))
+                p, buf = sgd_step(p, {k: v.unsqueeze(0) for k, v in g.items()}, buf, cfg)
+                total = total + loss.detach()
+            trained.append({k: v[0] for k, v in p.items()})
+            losses.append(total / cfg.steps)
+        return trained, torch.stack(losses)
+
+    def minibatch_indices(self, generator: torch.Generator, store: ClientStore, clients: Sequence[int]) -> Tensor:
+        """Each client's local sample indices ``[steps, C, batch_size]`` (long). One draw for every
+        (step, client, sample): both paths see the same minibatches."""
+        u = self.minibatch_uniforms(generator, len(clients))
+        sizes = store.num_train(clients).to(torch.float64)
+        return (u * sizes[None, :, None]).long().clamp_max_((sizes - 1).long()[None, :, None])
 
     def minibatch_uniforms(self, generator: torch.Generator, num_clients: int) -> Tensor:
         """The uniforms behind every minibatch index, ``[steps, C, batch_size]`` float64, drawn once
