@@ -150,3 +150,23 @@ def test_same_seed_same_trial_sequence(tmp_path):
         runs.append([t.params for t in study.get_trials()])
     assert len(runs[0]) == 3 and runs[0] == runs[1]
     assert len({json.dumps(p, sort_keys=True) for p in runs[0]}) == 3
+
+
+def test_python_api_objective_example(tmp_path):
+    """experiments/objective.py: an optuna objective over shn.run, importable and runnable."""
+    import importlib.util
+
+    from shn.config import config_from_dict
+    import tomllib
+
+    path = Path(__file__).resolve().parents[1] / "experiments" / "objective.py"
+    spec = importlib.util.spec_from_file_location("objective_example", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    config = config_from_dict(tomllib.loads(TINY.replace("rounds = 3", "rounds = 1")))
+    objective, direction = module.make_objective(config, run_root=str(tmp_path))
+    study = optuna.create_study(direction=direction, sampler=optuna.samplers.TPESampler(seed=0))
+    study.optimize(objective, n_trials=1)
+    assert direction == "maximize" and 0.0 <= study.best_value <= 1.0
+    assert set(study.best_params) == {"server.lr", "local.lr", "local.steps"}
+    assert (tmp_path / "trial0000" / "summary.json").is_file()

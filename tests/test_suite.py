@@ -1,0 +1,111 @@
+"""shn suite: expansion, up-front validation (unknown methods), skipping finished runs, resuming
+from a checkpoint, and going on past a failing run (tiny digits runs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from shn.cli import main
+from shn.suite import SuiteError, load_suite, run_suite
+
+TINY = """
+method = "local"
+seed = 0
+rounds = 2
+clients_per_round = 4
+eval_every = 1
+
+[task]
+name = "digits"
+num_clients = 4
+partition = "pathological"
+classes_per_client = 2
+
+[local]
+steps = 2
+batch_size = 16
+"""
+
+
+def write(tmp_path: Path, runs: str) -> Path:
+    (tmp_path / "tiny.toml").write_text(TINY)
+    suite = tmp_path / "suite.toml"
+    suite.write_text(f'out = "{tmp_path / "out"}"\n' + runs.replace("CONFIG", str(tmp_path / "tiny.toml")))
+    return suite
+
+
+def test_expansion_layout_and_overrides(tmp_path):
+    suite = write(tmp_path, """
+set = ["eval_every=2"]
+[[runs]]
+name = "study"
+config = "CONFIG"
+seeds = [0, 2]
+set = ["rounds=3"]
+methods = ["local", { name = "shn-knn", method = "shn", set = ["graph.kind=\\"knn\\""] }]
+grid = { "encoder.layers" = [1, 4] }
+""")
+    jobs, root = load_suite(suite)
+    assert root == tmp_path / "out" and len(jobs) == 2 * 2 * 2
+    dirs = {str(j.run_dir.relative_to(root)) for j in jobs}
+    assert "study/local/encoder.layers=1/seed0" in dirs and "study/shn-knn/encoder.layers=4/seed2" in dirs
+    job = next(j for j in jobs if j.variant == "shn-knn" and j.seed == 2 and dict(j.grid)["encoder.layers"] == 4)
+    config = job.config()
+    assert (config.method, config.seed, config.rounds, config.eval_every) == ("shn", 2, 3, 2)
+    assert (config.graph.kind, config.encoder.layers) == ("knn", 4)
+
+
+def test_unknown_method_fails_before_running(tmp_path):
+    suite = write(tmp_path, """
+[[runs]]
+name = "cmp"
+config = "CONFIG"
+methods = ["local", "nosuchmethod"]
+""")
+    with pytest.raises(SuiteError, match=r"unknown method.*'nosuchmethod'.*Registered methods: .*pfedhn"):
+        run_suite(suite, progress=False)
+    assert not (tmp_path / "out").exists()
+    assert main(["suite", str(suite), "--no-progress"]) == 2
+    bad = write(tmp_path, '[[runs]]\nname = "x"\nconfig = "CONFIG"\nmethods = ["local"]\nset = ["rounds=0"]\n')
+    with pytest.raises(SuiteError, match=r"x/local/seed0: rounds: must be > 0"):
+        run_suite(bad, progress=False)
+
+
+def test_skips_finished_resumes_and_survives_a_failing_run(tmp_path, capsys):
+    suite = write(tmp_path, """
+[[runs]]
+name = "broken"
+config = "CONFIG"
+methods = ["local"]
+set = ["clients_per_round=5"]   # valid config, but more than the task's 4 clients: fails when run
+
+[[runs]]
+name = "ok"
+config = "CONFIG"
+methods = ["local"]
+seeds = [0, 1]
+""")
+    out = tmp_path / "out"
+    assert main(["suite", str(suite), "--no-progress"]) == 1  # a failed run → non-zero exit at the end
+    result = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (result["runs"], result["done"], result["skipped"]) == (3, 2, 0)
+    assert result["failed"][0]["run"] == "broken/local/seed0" and "clients_per_round" in result["failed"][0]["error"]
+    assert (out / "broken" / "local" / "seed0" / "error.log").is_file()
+    finished = {s: (out / "ok" / "local" / f"seed{s}" / "summary.json") for s in (0, 1)}
+    stamps = {s: p.stat().st_mtime_ns for s, p in finished.items()}
+    before = json.loads(finished[1].read_text())
+
+    again = run_suite(suite, progress=False)
+    assert (len(again.done), len(again.skipped), len(again.failed)) == (0, 2, 1)
+    assert {s: p.stat().st_mtime_ns for s, p in finished.items()} == stamps
+
+    finished[1].unlink()  # killed after its last checkpoint, before the summary was written
+    third = run_suite(suite, only=["ok/"], progress=False)
+    assert [j.label for j in third.done] == ["ok/local/seed1"] and len(third.skipped) == 1 and not third.failed
+    after = json.loads(finished[1].read_text())
+    assert after["metrics"] == before["metrics"]  # resumed from the checkpoint: same numbers
+    log = [json.loads(line) for line in (out / "suite_log.jsonl").read_text().splitlines()]
+    assert [r["status"] for r in log].count("failed") == 2 and (out / "suite.toml").is_file()
