@@ -302,6 +302,7 @@ CLI_ERRORS = {
     "unknown method": (["--set", "method=fedmagic"], "unknown method 'fedmagic'"),
     "unknown task": (["--set", "task.name=imagenet"], "unknown task 'imagenet'"),
     "missing data dir": (["--set", "task.name=mnist", "--set", "task.data_dir=/nonexistent/mnist"], "/nonexistent/mnist"),
+    "malformed data file": (["--set", "task.name=mnist", "--set", "task.data_dir={mnist}"], "bad magic"),
     "malformed graph file": (["--set", "method=shn", "--set", "graph.kind=given", "--set", "graph.path={graph}"],
                              "malformed client graph file"),
     "missing graph file": (["--set", "method=shn", "--set", "graph.kind=given", "--set", "graph.path=/no/graph.json"],
@@ -314,8 +315,12 @@ CLI_ERRORS = {
 def test_cli_user_errors_are_one_line_exit_2(case, tmp_path, capsys):
     cfg = _write_cfg(tmp_path / "cfg.toml", rounds=1)
     graph = _graph_file(tmp_path / "bad.json")
+    mnist = tmp_path / "mnist"
+    mnist.mkdir()
+    (mnist / "t10k-images-idx3-ubyte").write_bytes(b"\x00\x00\x08\x01" + bytes(60))  # a labels magic: wrong file
+    (mnist / "t10k-labels-idx1-ubyte").write_bytes(b"\x00\x00\x08\x01" + bytes(8))
     args, expected = CLI_ERRORS[case]
-    args = [a.replace("{graph}", str(graph)) for a in args]
+    args = [a.replace("{graph}", str(graph)).replace("{mnist}", str(mnist)) for a in args]
     code = main(["run", str(cfg), "--out", str(tmp_path / "run"), "--no-progress", *args])
     err = capsys.readouterr().err.strip()
     assert code == 2, err
