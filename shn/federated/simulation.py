@@ -154,6 +154,10 @@ class Simulation:
         return record
 
     def _state(self, r: int, elapsed: float) -> dict[str, Any]:
+        """Everything a resumed run needs to continue exactly: the algorithm (server parameters
+        and optimiser state), the clients' personal tensors, rejections, failures, metrics so far.
+        The RNG state is the round index: client sampling, dropout faults, local minibatches,
+        attacks and torch's global RNG (:func:`round_rng`) are all derived from (seed, round)."""
         return {
             "round": r, "elapsed": elapsed, "algorithm": self.algorithm.state_dict(),
             "personal": self.runtime.personal.state_dict(), "rejections": self.server.rejections.state_dict(),
