@@ -35,10 +35,16 @@ Why it is fast (see ``tests/benchmarks/test_bench_sheaf.py``):
   (one fused gather–multiply–scatter; ``torch.sparse.mm`` / ``sampled_addmm``; no torch_sparse).
   The operator is symmetric, so its backward is the same product plus one sampled dense–dense
   product for the block gradients. ``backend="gather"`` is the plain ``index_select``/multiply/
-  ``index_add_`` formulation, used on devices or dtypes without sparse CSR kernels.
+  ``index_add_`` formulation, used for small graphs (as fast, and it does not start a thread team
+  per call) and on devices or dtypes without sparse CSR kernels.
+* Small per-edge matrix products, the Householder map and the inverse square root have
+  hand-written backward passes (autograd through per-entry indexing would allocate a zero tensor
+  of the full operand size per slice), and no op goes through MKL VML (``tanh``, ``sqrt``), which
+  is slower than the alternatives and starts a thread team even for tiny inputs.
 * The general normalisation needs ``(D_u + I)^{-1/2}`` for each node's ``d×d`` block: a batched
-  cyclic Jacobi eigensolver (elementwise across nodes) and an exact, jitter-free backward
-  (Daleckii–Krein), instead of ``N`` LAPACK calls.
+  cyclic Jacobi eigensolver for many nodes (elementwise across nodes; LAPACK ``eigh`` for few) and
+  an exact, jitter-free backward (Daleckii–Krein), instead of ``N`` LAPACK calls plus autograd
+  through ``eigh``.
 
 Cost per layer (``N`` nodes, ``E`` directed edges): ``O(N·d·h·(p + h) + E·d²·h)`` time,
 ``O(E·d² + N·d·h)`` memory.
@@ -46,7 +52,6 @@ Cost per layer (``N`` nodes, ``E`` directed edges): ``O(N·d·h·(p + h) + E·d�
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 from typing import Callable, Literal
@@ -240,6 +245,10 @@ class SheafGraph:
         """Reorder a per-edge tensor (``[E_in, ...]``, the caller's ``edge_index`` order) to this graph's."""
         return values if self.order is None else values[self.order]
 
+    def pos_inverse(self) -> Tensor:
+        """``[E]`` inverse permutation of :attr:`pos` (``cat(up, down)``): column → directed edge."""
+        return torch.cat([self.up, self.down])
+
     def reverse_edges(self) -> Tensor:
         """``[E]`` permutation ``rev`` with ``edge_index[:, rev] = edge_index.flip(0)``."""
         rev = torch.empty_like(self.pos)
@@ -270,12 +279,17 @@ class SheafGraph:
         return self._cache[stalk_dim]
 
 
-def _as_graph(edge_index: Tensor | SheafGraph, num_nodes: int) -> SheafGraph:
+def _as_graph(edge_index: Tensor | SheafGraph, x: Tensor) -> SheafGraph:
+    """The :class:`SheafGraph` for node features ``x`` (``[N, ...]``), building it if needed."""
     if isinstance(edge_index, SheafGraph):
-        if edge_index.num_nodes != num_nodes:
-            raise ValueError(f"graph has {edge_index.num_nodes} nodes but x has {num_nodes} rows")
+        if edge_index.num_nodes != x.size(0):
+            raise ValueError(f"graph has {edge_index.num_nodes} nodes but x has {x.size(0)} rows")
+        if edge_index.edge_index.device != x.device:
+            raise ValueError(f"graph is on {edge_index.edge_index.device} but x is on {x.device}")
         return edge_index
-    return SheafGraph.from_edge_index(edge_index, num_nodes)
+    if isinstance(edge_index, Tensor) and edge_index.device != x.device:
+        edge_index = edge_index.to(x.device)
+    return SheafGraph.from_edge_index(edge_index, x.size(0))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -322,52 +336,54 @@ def _cm_matmul(a: Tensor, b: Tensor, transpose_a: bool = False) -> Tensor:
     return _CmMatmul.apply(a, b, transpose_a)
 
 
-def _householder_vectors(params: Tensor, d: int) -> tuple[list[Tensor], list[Tensor]]:
-    """Full-length Householder vectors ``v_k`` (``[d, B]``; zero above ``k``, one at ``k``) and their
-    ``τ_k = 2/‖v_k‖²`` from column-by-column strictly-lower-triangular parameters ``[d(d-1)/2, B]``."""
-    batch = params.size(-1)
-    vs, taus, start = [], [], 0
+def _householder_tails(params: Tensor, d: int) -> list[tuple[Tensor, Tensor]]:
+    """Per reflector ``k``: the free entries of ``v_k`` below its unit diagonal (``[d-1-k, B]``; the
+    parameters fill the strict lower triangle column by column) and ``τ_k = 2/‖v_k‖²``."""
+    out, start = [], 0
     for k in range(d - 1):
         m = d - 1 - k
         tail = params[start : start + m]
         start += m
-        vs.append(torch.cat([params.new_zeros(k, batch), params.new_ones(1, batch), tail], 0))
-        taus.append(2.0 / (1.0 + tail.square().sum(0)))
-    return vs, taus
-
-
-def _reflect_right(p: Tensor, v: Tensor, tau: Tensor) -> Tensor:
-    """``P H = P − τ (P v) vᵀ`` for component-major ``P`` (``[d, d, B]``), ``v`` (``[d, B]``)."""
-    pv = _cm_matvec(p, v)
-    return p - (tau * pv).unsqueeze(1) * v.unsqueeze(0)
-
-
-def _cm_matvec(a: Tensor, v: Tensor, transpose_a: bool = False) -> Tensor:
-    """``a @ v`` (or ``aᵀ @ v``) for ``a`` ``[d, d, B]``, ``v`` ``[d, B]`` → ``[d, B]``."""
-    out = None
-    for k in range(v.size(0)):
-        term = (a[k] if transpose_a else a[:, k]) * v[k]
-        out = term if out is None else out.add_(term)
+        out.append((tail, 2.0 / (1.0 + tail.square().sum(0))))
     return out
+
+
+def _matvec_cols(a: Tensor, k: int, tail: Tensor) -> Tensor:
+    """``a v_k`` for ``a`` ``[d, d, B]`` using only columns ``k..`` (``v_k = (0…0, 1, tail)``) → ``[d, B]``."""
+    out = a[:, k].clone()
+    for c in range(tail.size(0)):
+        out.addcmul_(a[:, k + 1 + c], tail[c])
+    return out
+
+
+def _rank1_cols_(a: Tensor, k: int, left: Tensor, tail: Tensor, alpha: float) -> None:
+    """In place: columns ``k..`` of ``a`` += ``alpha · left v_kᵀ`` (``left`` ``[d, B]``)."""
+    a[:, k].add_(left, alpha=alpha)
+    for c in range(tail.size(0)):
+        a[:, k + 1 + c].addcmul_(left, tail[c], value=alpha)
 
 
 class _Householder(torch.autograd.Function):
     """``Q = H_1 ⋯ H_{d-1} S`` (``S`` flips the last column) from ``[d(d-1)/2, B]`` parameters → ``[d, d, B]``.
 
-    Backward sweeps the reflectors in reverse. With ``P_k = P_{k-1} H_k`` and ``G_k = ∂ℓ/∂P_k``:
-    ``∂ℓ/∂H_k = P_{k-1}ᵀ G_k`` and ``G_{k-1} = G_k H_k``; reflections are involutions, so
-    ``P_{k-1} = P_k H_k`` is recomputed instead of stored. For ``H = I − τ v vᵀ``, ``τ = 2/vᵀv``
-    and ``M = ∂ℓ/∂H``: ``∂ℓ/∂v = τ² (vᵀMv) v − τ (M + Mᵀ) v``.
+    ``v_k`` is zero above entry ``k``, so ``H_k`` only mixes columns ``k..`` of what it multiplies;
+    forward and backward update those columns in place. Backward sweeps the reflectors in
+    reverse: with ``P_k = P_{k-1} H_k`` and ``G_k = ∂ℓ/∂P_k``, ``∂ℓ/∂H_k = P_{k-1}ᵀ G_k`` and
+    ``G_{k-1} = G_k H_k``; reflections are involutions, so ``P_{k-1} = P_k H_k`` is recomputed
+    rather than stored. For ``H = I − τ v vᵀ``, ``τ = 2/vᵀv``, ``M = ∂ℓ/∂H``:
+    ``∂ℓ/∂v = τ² (vᵀMv) v − τ (M + Mᵀ) v`` (only the free entries of ``v`` are parameters).
     """
 
     @staticmethod
     def forward(ctx, params: Tensor, d: int) -> Tensor:  # type: ignore[override]
-        vs, taus = _householder_vectors(params, d)
-        q = torch.eye(d, dtype=params.dtype, device=params.device).unsqueeze(-1).expand(d, d, params.size(-1))
-        for v, tau in zip(vs, taus):
-            q = _reflect_right(q, v, tau)
-        q = q.clone() if not vs else q
-        q[:, -1] = -q[:, -1]
+        batch = params.size(-1)
+        q = torch.zeros(d, d, batch, dtype=params.dtype, device=params.device)
+        for i in range(d):
+            q[i, i] = 1.0
+        for k, (tail, tau) in enumerate(_householder_tails(params, d)):
+            qv = _matvec_cols(q, k, tail)
+            _rank1_cols_(q, k, qv.mul_(tau), tail, -1.0)
+        q[:, -1].neg_()
         ctx.d = d
         ctx.save_for_backward(params, q)
         return q
@@ -377,25 +393,29 @@ class _Householder(torch.autograd.Function):
     def backward(ctx, grad: Tensor):  # type: ignore[override]
         params, q = ctx.saved_tensors
         d = ctx.d
-        vs, taus = _householder_vectors(params, d)
+        reflectors = _householder_tails(params, d)
+        if not reflectors:
+            return torch.zeros_like(params), None
         g = grad.clone()
-        g[:, -1] = -g[:, -1]
+        g[:, -1].neg_()  # ∂ℓ/∂P_m with Q = P_m S
         p = q.clone()
-        p[:, -1] = -p[:, -1]
+        p[:, -1].neg_()  # P_m
         grads = []
         for k in reversed(range(d - 1)):
-            v, tau = vs[k], taus[k]
-            p = _reflect_right(p, v, tau)  # P_{k-1}
-            a = _cm_matvec(g, v)  # G_k v
-            b = _cm_matvec(p, v)  # P_{k-1} v
-            m_v = _cm_matvec(p, a, transpose_a=True)  # M v
-            mt_v = _cm_matvec(g, b, transpose_a=True)  # Mᵀ v
+            tail, tau = reflectors[k]
+            b = _matvec_cols(p, k, tail).neg_()  # P_{k-1} v = P_k H_k v = −P_k v
+            _rank1_cols_(p, k, b * tau, tail, 1.0)  # P_{k-1} = P_k − τ (P_k v) vᵀ = P_k + τ b vᵀ
+            a = _matvec_cols(g, k, tail)  # G_k v
             s = (a * b).sum(0)  # vᵀ M v
-            gv = (tau * tau * s) * v - tau * (m_v + mt_v)
-            grads.append(gv[k + 1 :])
-            g = g - (tau * a).unsqueeze(1) * v.unsqueeze(0)  # G_{k-1} = G_k H_k
-        if not grads:
-            return params.new_zeros(params.shape), None
+            rows = []
+            for c in range(tail.size(0)):  # free entries r = k+1+c of v
+                r = k + 1 + c
+                m_v = (p[:, r] * a).sum(0)  # (P_{k-1}ᵀ G_k v)_r = (M v)_r
+                mt_v = (g[:, r] * b).sum(0)  # (G_kᵀ P_{k-1} v)_r = (Mᵀ v)_r
+                rows.append(tau * (tau * s * tail[c] - m_v - mt_v))
+            grads.append(torch.stack(rows) if rows else tail.new_zeros(0, tail.size(-1)))
+            if k:
+                _rank1_cols_(g, k, a.mul_(tau), tail, -1.0)  # G_{k-1} = G_k H_k
         return torch.cat(grads[::-1], 0), None
 
 
@@ -507,6 +527,8 @@ class _SymInvSqrt(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, a: Tensor) -> Tensor:  # type: ignore[override]
+        if a.dtype in (torch.float16, torch.bfloat16):  # no half-precision eigensolvers
+            return _SymInvSqrt.forward(ctx, a.float()).to(a.dtype)
         evals, evecs = _eigh_cm(a)
         evals = evals.clamp_min(torch.finfo(a.dtype).tiny)
         r = torch.rsqrt(evals)  # [d, B]
@@ -616,6 +638,21 @@ def _edge_gather(values: Tensor, z: Tensor, graph: SheafGraph, beta: float) -> T
             msg = term if msg is None else msg + term
     out = torch.zeros_like(z).index_add_(1, row, msg)
     return out + z if beta else out
+
+
+class _PermuteColumns(torch.autograd.Function):
+    """``x[:, perm]`` for a permutation ``perm``; the backward gathers with the inverse permutation
+    (``index_select``'s own backward is a serial scatter-add)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, perm: Tensor, inverse: Tensor) -> Tensor:  # type: ignore[override]
+        ctx.save_for_backward(inverse)
+        return x.index_select(1, perm)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        (inverse,) = ctx.saved_tensors
+        return grad.index_select(1, inverse), None, None
 
 
 def _halves(t: Tensor) -> tuple[Tensor, Tensor]:
@@ -733,7 +770,7 @@ class SheafLearner(nn.Module):
         dh = self.stalk_dim * self.hidden_channels
         if x.dim() != 2 or x.size(1) != dh:
             raise ValueError(f"x must be [N, d*h] = [N, {dh}], got {tuple(x.shape)}")
-        graph = _as_graph(edge_index, x.size(0))
+        graph = _as_graph(edge_index, x)
         d, p, h = self.stalk_dim, self.num_params, graph.num_undirected
         w_left, w_right = [self.map_linear.weight[:, :dh]], [self.map_linear.weight[:, dh:]]
         if self.weight_linear is not None:
@@ -904,7 +941,7 @@ def build_laplacian(
         # Values [j, i, e] = (T_e)_ij: for e = (u, v) that is P[i, j] (the transpose of P as laid
         # out), for the reverse edge T_vu = T_uvᵀ gives P[j, i]. `pos` interleaves the two halves.
         both = torch.cat([prod.transpose(0, 1).reshape(d * d, h), prod.reshape(d * d, h)], 1)
-        values = both.index_select(1, graph.pos).view(d, d, -1)
+        values = _PermuteColumns.apply(both, graph.pos, graph.pos_inverse()).view(d, d, -1)
         if kind == "orth":  # Fᵀ F = I: scalar node blocks D_u = Σ_e c_e (the degree if unweighted)
             if c2 is None:
                 degree = (graph.ptr[1:] - graph.ptr[:-1]).to(f.dtype)
@@ -1031,7 +1068,7 @@ class SheafConv(nn.Module):
 
     def laplacian(self, x: Tensor, edge_index: Tensor | SheafGraph, edge_weight: Tensor | None = None) -> SheafLaplacian:
         """The layer's Laplacian for node-major ``x`` (``[N, d·h]``); ``edge_weight`` in ``edge_index``'s order."""
-        graph = _as_graph(edge_index, x.size(0))
+        graph = _as_graph(edge_index, x)
         maps = self.learner(x, graph)
         weight = _check_edge_weight(edge_weight, edge_index, graph)
         return build_laplacian(maps, weight, normalised=self.normalised, backend=self.backend)
@@ -1124,7 +1161,7 @@ class SheafDiffusion(nn.Module):
             raise ValueError(f"x must be [N, in_dim] = [N, {self.in_dim}], got {shape}")
         if not x.is_floating_point():
             raise ValueError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-        graph = _as_graph(edge_index, x.size(0))
+        graph = _as_graph(edge_index, x)
         weight = _check_edge_weight(edge_weight, edge_index, graph)
         feats = _dropout(x, self.input_dropout, self.training)
         feats = self.lin_in(feats)

@@ -234,6 +234,17 @@ def test_batched_jacobi_eigendecomposition(d, dtype, tol):
     torch.testing.assert_close(evals.sort(-1).values.double(), ref, atol=tol * float(scale), rtol=0)
 
 
+@pytest.mark.parametrize("batch", [7, 3000])  # LAPACK path and batched-Jacobi path
+def test_sym_inv_sqrt_matches_eigh(batch):
+    g = torch.Generator().manual_seed(batch)
+    a = torch.randn(batch, D, D, generator=g, dtype=torch.float64)
+    a = a @ a.mT + torch.eye(D, dtype=torch.float64)
+    a[0] = torch.eye(D, dtype=torch.float64) * 4.0
+    evals, evecs = torch.linalg.eigh(a)
+    ref = evecs @ torch.diag_embed(evals.rsqrt()) @ evecs.mT
+    torch.testing.assert_close(sym_inv_sqrt(a), ref, atol=1e-12, rtol=1e-12)
+
+
 def test_sym_inv_sqrt_gradient_with_repeated_eigenvalues():
     a = torch.randn(4, 3, 3, dtype=torch.float64)
     a = a @ a.mT + torch.eye(3, dtype=torch.float64)

@@ -16,12 +16,12 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import resource
 import statistics
 import subprocess
 import sys
 import time
+import types
 from functools import lru_cache
 from pathlib import Path
 
@@ -31,6 +31,12 @@ import torch
 REPO = Path(__file__).resolve().parents[2]
 if str(REPO) not in sys.path:  # running as a script from anywhere
     sys.path.insert(0, str(REPO))
+if "--peak-rss" in sys.argv and "shn" not in sys.modules:
+    # Memory probe: import only the shn.sheaf submodule (it depends on torch alone), not the
+    # package __init__ with everything else, so the baseline RSS is python + torch + numpy.
+    _pkg = types.ModuleType("shn")
+    _pkg.__path__ = [str(REPO / "shn")]
+    sys.modules["shn"] = _pkg
 
 from shn.sheaf import SheafConv, SheafGraph, SheafLearner, canonical_sheaf_type  # noqa: E402
 
@@ -154,22 +160,40 @@ def time_step(step, rounds: int = 10, warmup: int = 2) -> list[float]:
     return times
 
 
+def _status_kib(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as fh:
+            for line in fh:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except OSError:
+        pass
+    return None
+
+
 def _measure_peak_rss(kind: str, n: int, impl: str, threads: int) -> dict:
     torch.set_num_threads(threads)
     step = make_step(kind, n, impl)
-    base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:  # reset the RSS high-water mark (Linux >= 4.0) so setup peaks do not count
+        with open("/proc/self/clear_refs", "w") as fh:
+            fh.write("5")
+        resettable = True
+    except OSError:
+        resettable = False
+    base = _status_kib("VmRSS") if resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     for _ in range(2):
         step()
-    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak = _status_kib("VmHWM") if resettable else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"peak_rss_mb": peak / 1024.0, "layer_peak_mb": max(peak - base, 0) / 1024.0}
 
 
 def peak_rss(kind: str, n: int, impl: str = "sparse", threads: int = 2) -> dict:
-    """Peak RSS (MiB, Linux ``ru_maxrss``) of a fresh process that builds the W1 inputs and runs the
-    layer twice: ``{"peak_rss_mb": whole process, "layer_peak_mb": increase due to the layer}``."""
+    """Peak RSS (MiB) of a fresh process running the W1 layer twice (forward + backward):
+    ``{"peak_rss_mb": whole process during the runs, "layer_peak_mb": its increase over the RSS
+    after setup (python, torch, graph, inputs)}``. Uses ``VmHWM`` after a reset via
+    ``/proc/self/clear_refs`` (falls back to ``ru_maxrss``)."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--peak-rss", kind, str(n), impl, str(threads)]
-    env = dict(os.environ, PYTHONPATH=str(REPO) + os.pathsep + os.environ.get("PYTHONPATH", ""))
-    out = subprocess.run(cmd, check=True, capture_output=True, text=True, env=env, cwd=REPO)
+    out = subprocess.run(cmd, check=True, capture_output=True, text=True, cwd=REPO)
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
