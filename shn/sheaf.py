@@ -145,8 +145,8 @@ class SheafGraph:
             these define the undirected edges ``{u, v}``, ``u < v``, in sorted order.
         down: ``[H]`` position of the reverse ``(v, u)`` of each undirected edge.
         uv: ``[2H]`` ``cat(u, v)`` (the endpoints of the undirected edges); ``vu`` is ``cat(v, u)``.
-        pos: ``[E]`` directed edge → column of ``cat(side_u, side_v)`` holding its source's data:
-            ``pos[up[k]] = k``, ``pos[down[k]] = H + k``.
+            Per-edge data of both endpoints is stored as ``cat(side_u, side_v)``: column ``k`` for
+            ``u`` of undirected edge ``k``, column ``H + k`` for its ``v`` (see :meth:`pos`).
     """
 
     edge_index: Tensor
@@ -157,7 +157,6 @@ class SheafGraph:
     down: Tensor
     uv: Tensor
     vu: Tensor
-    pos: Tensor
     _cache: dict = field(default_factory=dict, repr=False)
 
     @classmethod
@@ -179,7 +178,7 @@ class SheafGraph:
         dev = edge_index.device
         order = None
         if edge_index.size(1):
-            lo, hi = int(edge_index.min()), int(edge_index.max())
+            lo, hi = (int(t) for t in torch.aminmax(edge_index))
             if lo < 0 or hi >= num_nodes:
                 raise ValueError(
                     f"edge_index has node ids in [{lo}, {hi}] but x has {num_nodes} rows; "
@@ -200,9 +199,9 @@ class SheafGraph:
         if row.numel():
             torch.cumsum(torch.bincount(row, minlength=num_nodes), 0, out=ptr[1:])
 
-        # Pair every (u, v), u < v, with its reverse: the reverses are exactly the row > col edges;
-        # sorted by (row, col) they are in (v, u) order, so one argsort of the undirected edges by
-        # (v, u) aligns the two lists.
+        # Pair every (u, v), u < v, with its reverse. The reverses are exactly the row > col edges,
+        # which sorted by (row, col) are in (v, u) order; the u < v edges are in (u, v) order, so a
+        # *stable* sort by v alone puts them in (v, u) order and aligns the two lists.
         is_up = row < col
         up = torch.nonzero(is_up).view(-1)
         down_sorted = torch.nonzero(~is_up).view(-1)
@@ -213,16 +212,13 @@ class SheafGraph:
                 f"row<col and {down_sorted.numel()} with row>col (add the reverse edges, e.g. "
                 "torch_geometric.utils.to_undirected)"
             )
-        u, v = row[up], col[up]
-        by_vu = torch.argsort(v * num_nodes + u, stable=True)
-        down = torch.empty_like(up)
-        down[by_vu] = down_sorted
-        if not (torch.equal(row[down], v) and torch.equal(col[down], u)):
+        # (index_select / index_copy_: much cheaper than advanced indexing and index_put_)
+        u, v = row.index_select(0, up), col.index_select(0, up)  # endpoints of the undirected edges
+        by_vu = torch.argsort(v.int() if num_nodes < 2**31 else v, stable=True)  # int32 sorts faster
+        down = torch.empty_like(up).index_copy_(0, by_vu, down_sorted)
+        if not (torch.equal(row.index_select(0, down), v) and torch.equal(col.index_select(0, down), u)):
             raise ValueError("edge_index is not symmetric: some edge (u, v) has no reverse edge (v, u)")
-        pos = torch.empty_like(row)
-        pos[up] = torch.arange(n_half, device=dev)
-        pos[down] = torch.arange(n_half, 2 * n_half, device=dev)
-        return cls(edge_index, num_nodes, order, ptr, up, down, torch.cat([u, v]), torch.cat([v, u]), pos)
+        return cls(edge_index, num_nodes, order, ptr, up, down, torch.cat([u, v]), torch.cat([v, u]))
 
     @property
     def num_edges(self) -> int:
@@ -245,38 +241,59 @@ class SheafGraph:
         """Reorder a per-edge tensor (``[E_in, ...]``, the caller's ``edge_index`` order) to this graph's."""
         return values if self.order is None else values[self.order]
 
-    def pos_inverse(self) -> Tensor:
-        """``[E]`` inverse permutation of :attr:`pos` (``cat(up, down)``): column → directed edge."""
-        return torch.cat([self.up, self.down])
+    def columns(self) -> Tensor:
+        """``[E]`` directed edge holding each column of ``cat(side_u, side_v)``: ``cat(up, down)``."""
+        if "columns" not in self._cache:
+            self._cache["columns"] = torch.cat([self.up, self.down])
+        return self._cache["columns"]
+
+    def pos(self) -> Tensor:
+        """``[E]`` column of ``cat(side_u, side_v)`` holding each directed edge's *source* data:
+        ``pos[up[k]] = k``, ``pos[down[k]] = H + k`` (inverse of :meth:`columns`). Cached."""
+        if "pos" not in self._cache:
+            cols = self.columns()
+            self._cache["pos"] = torch.empty_like(cols).index_copy_(0, cols, torch.arange(cols.numel(), device=cols.device))
+        return self._cache["pos"]
+
+    def half_index(self) -> Tensor:
+        """``[E]`` undirected edge of each directed edge (``pos mod H``). Cached."""
+        if "half" not in self._cache:
+            k = torch.arange(self.num_undirected, device=self.up.device)
+            self._cache["half"] = torch.empty_like(self.row).index_copy_(0, self.up, k).index_copy_(0, self.down, k)
+        return self._cache["half"]
 
     def reverse_edges(self) -> Tensor:
         """``[E]`` permutation ``rev`` with ``edge_index[:, rev] = edge_index.flip(0)``."""
-        rev = torch.empty_like(self.pos)
+        rev = torch.empty_like(self.row)
         rev[self.up] = self.down
         rev[self.down] = self.up
         return rev
 
-    def _csr(self, stalk_dim: int) -> tuple[Tensor, Tensor, Tensor]:
-        """CSR index arrays for the stalk-major edge operators (cached per ``d``).
+    def _csr(self, stalk_dim: int, full_blocks: bool) -> tuple[Tensor, Tensor]:
+        """CSR ``(crow [d·N+1], cols [d·E])`` of a stalk-major edge operator (cached per ``d`` and kind).
 
         Rows are ``(i, u) → i·N + u`` and, within a row, the edges of ``u`` in sorted order, so a
-        ``[d, E]`` value tensor is already in CSR order. Returns ``(crow [d·N+1], cols_diag [d·E],
-        cols_node [d·E])``: ``cols_diag`` couples stalk ``i`` of ``u`` to stalk ``i`` of ``v``
-        (a ``d·N × d·N`` operator); ``cols_node`` points at node ``v`` (a ``d·N × N`` operator,
-        applied once per source stalk ``j``).
+        ``[d, E]`` value tensor is already in CSR order. Diagonal blocks (``full_blocks=False``)
+        couple stalk ``i`` of ``u`` to stalk ``i`` of ``v`` (a ``d·N × d·N`` operator); otherwise the
+        columns point at node ``v`` (a ``d·N × N`` operator, applied once per source stalk ``j``).
         """
-        if stalk_dim not in self._cache:
+        key = (stalk_dim, full_blocks)
+        if key not in self._cache:
             d, n, e = stalk_dim, self.num_nodes, self.num_edges
             dev = self.edge_index.device
             # int32 indices where they fit: half the index traffic in the sparse kernels.
             idx = torch.int32 if max(d * e, d * n) < 2**31 - 1 else torch.int64
-            crow = (self.ptr[:-1].unsqueeze(0) + e * torch.arange(d, device=dev).unsqueeze(1)).reshape(-1)
-            crow = torch.cat([crow, crow.new_tensor([d * e])]).to(idx)
+            crow_key = ("crow", stalk_dim)
+            if crow_key not in self._cache:
+                crow = (self.ptr[:-1].unsqueeze(0) + e * torch.arange(d, device=dev).unsqueeze(1)).reshape(-1)
+                self._cache[crow_key] = torch.cat([crow, crow.new_tensor([d * e])]).to(idx)
             col = self.col.to(idx)
-            cols_node = col.repeat(d)
-            cols_diag = (col.unsqueeze(0) + n * torch.arange(d, device=dev, dtype=idx).unsqueeze(1)).reshape(-1)
-            self._cache[stalk_dim] = (crow, cols_diag, cols_node)
-        return self._cache[stalk_dim]
+            if full_blocks:
+                cols = col.repeat(d)
+            else:
+                cols = (col.unsqueeze(0) + n * torch.arange(d, device=dev, dtype=idx).unsqueeze(1)).reshape(-1)
+            self._cache[key] = (self._cache[crow_key], cols)
+        return self._cache[key]
 
 
 def _as_graph(edge_index: Tensor | SheafGraph, x: Tensor) -> SheafGraph:
@@ -569,15 +586,15 @@ def _edge_matmul(values: Tensor, z: Tensor, graph: SheafGraph, beta: float) -> T
     """``β z + M z`` by sparse CSR products. ``values``: ``[d, E]`` (diagonal blocks, entry ``[i, e]``)
     or ``[d, d, E]`` (entry ``[j, i, e] = (T_e)_{ij}``); ``z``: ``[d, N, h]`` → ``[d, N, h]``."""
     d, n, h = z.shape
-    crow, cols_diag, cols_node = graph._csr(d)
+    crow, cols = graph._csr(d, values.dim() == 3)
     z2 = z.view(d * n, h)
     if values.dim() == 2:
-        op = _csr(crow, cols_diag, values, (d * n, d * n))
+        op = _csr(crow, cols, values, (d * n, d * n))
         out = torch.addmm(z2, op, z2) if beta else torch.sparse.mm(op, z2)
     else:
         out = z2.clone() if beta else None
         for j in range(d):  # stalk j of the neighbours feeds every stalk i of the node
-            op = _csr(crow, cols_node, values[j], (d * n, n))
+            op = _csr(crow, cols, values[j], (d * n, n))
             out = torch.sparse.mm(op, z[j]) if out is None else out.addmm_(op, z[j])
     return out.view(d, n, h)
 
@@ -585,14 +602,14 @@ def _edge_matmul(values: Tensor, z: Tensor, graph: SheafGraph, beta: float) -> T
 def _edge_sddmm(values: Tensor, grad: Tensor, z: Tensor, graph: SheafGraph) -> Tensor:
     """Gradient of ``M z`` w.r.t. the block values: ``⟨grad_{i,u}, z_{j,v}⟩`` for each edge and ``(i, j)``."""
     d, n, h = z.shape
-    crow, cols_diag, cols_node = graph._csr(d)
+    crow, cols = graph._csr(d, values.dim() == 3)
     g2 = grad.view(d * n, h)
     if values.dim() == 2:
-        op = _csr(crow, cols_diag, values, (d * n, d * n))
+        op = _csr(crow, cols, values, (d * n, d * n))
         return torch.sparse.sampled_addmm(op, g2, z.view(d * n, h).mT, beta=0.0).values().view_as(values)
     outs = []
     for j in range(d):
-        op = _csr(crow, cols_node, values[j], (d * n, n))
+        op = _csr(crow, cols, values[j], (d * n, n))
         outs.append(torch.sparse.sampled_addmm(op, g2, z[j].mT, beta=0.0).values())
     return torch.stack(outs).view_as(values)
 
@@ -619,6 +636,35 @@ class _EdgeOperator(torch.autograd.Function):
         g_values = _edge_sddmm(values, grad, z, ctx.graph) if ctx.needs_input_grad[0] else None
         g_z = _edge_matmul(values, grad, ctx.graph, ctx.beta) if ctx.needs_input_grad[1] else None
         return g_values, g_z, None, None
+
+
+class _ScaledOperator(torch.autograd.Function):
+    """``y − n ⊙ (I + M)(n ⊙ y)``: a normalised Laplacian whose node normalisation ``n`` is elementwise
+    (diag: ``[d, N, 1]``; orth: ``[1, N, 1]``). The operator is symmetric, so ``∂/∂y`` is the same
+    map; ``∂/∂T = −SDDMM(n ⊙ g, n ⊙ y)`` and ``∂/∂n = −Σ_h (g ⊙ w + u ⊙ y)`` with
+    ``w = (I+M)(n ⊙ y)``, ``u = (I+M)(n ⊙ g)``. Fewer full-size passes than autograd."""
+
+    @staticmethod
+    def forward(ctx, values: Tensor, norm: Tensor, y: Tensor, graph: SheafGraph) -> Tensor:  # type: ignore[override]
+        z = norm * y
+        w = _edge_matmul(values, z, graph, 1.0)
+        ctx.graph = graph
+        ctx.save_for_backward(values, norm, y, z, w)
+        return torch.addcmul(y, norm, w, value=-1.0)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        values, norm, y, z, w = ctx.saved_tensors
+        grad = grad.contiguous()
+        a = norm * grad
+        u = _edge_matmul(values, a, ctx.graph, 1.0)
+        g_values = _edge_sddmm(values, a, z, ctx.graph).neg_() if ctx.needs_input_grad[0] else None
+        g_norm = None
+        if ctx.needs_input_grad[1]:
+            g_norm = (grad * w).addcmul_(u, y).sum_to_size(norm.shape).neg_()
+        g_y = torch.addcmul(grad, norm, u, value=-1.0) if ctx.needs_input_grad[2] else None
+        return g_values, g_norm, g_y, None
 
 
 def _edge_gather(values: Tensor, z: Tensor, graph: SheafGraph, beta: float) -> Tensor:
@@ -715,9 +761,10 @@ class RestrictionMaps:
         ``[E, d]`` / ``[E, d, d]`` tensors (and ``[E]`` weights or ``None``) — for references and tests."""
         g = self.graph
         h = g.num_undirected
-        src = self.maps[..., g.pos]
-        tgt = self.maps[..., (g.pos + h) % (2 * h)] if h else src
-        w = None if self.weight is None else self.weight[g.pos % max(h, 1)]
+        pos = g.pos()
+        src = self.maps[..., pos]
+        tgt = self.maps[..., (pos + h) % (2 * h)] if h else src
+        w = None if self.weight is None else self.weight[g.half_index()]
         dims = (src.dim() - 1,) + tuple(range(src.dim() - 1))
         return src.permute(dims), tgt.permute(dims), w
 
@@ -857,6 +904,9 @@ class SheafLaplacian:
         if self.norm is None:
             return self._node_mul(self.degree, y) - self._edge(y, 0.0)
         # Δ = N (D − M) N with N = (D+I)^{-1/2} and N D N = I − N², so Δy = y − N (z + M z), z = N y.
+        if self.kind != "general" and self.graph.num_edges and _use_sparse(self.backend, y, self.graph.num_edges):
+            nrm = self.norm.unsqueeze(-1) if self.kind == "diag" else self.norm.view(1, -1, 1)
+            return _ScaledOperator.apply(self.edge_values, nrm, y.contiguous(), self.graph)
         z = self._node_mul(self.norm, y)
         w = self._edge(z, 1.0)
         if self.kind == "general":
@@ -931,7 +981,7 @@ def build_laplacian(
     fu, fv = _halves(f)
     if kind == "diag":
         prod = fu * fv if c is None else fu * fv * c  # (T_e)_ii, the same for both orientations
-        values = prod.index_select(1, graph.pos % max(h, 1))
+        values = prod.index_select(1, graph.half_index())
         sq = f.square() if c2 is None else f.square() * c2
         degree = f.new_zeros(d, n).index_add_(1, graph.uv, sq)
         norm = (degree + 1.0).rsqrt() if normalised else None
@@ -941,7 +991,7 @@ def build_laplacian(
         # Values [j, i, e] = (T_e)_ij: for e = (u, v) that is P[i, j] (the transpose of P as laid
         # out), for the reverse edge T_vu = T_uvᵀ gives P[j, i]. `pos` interleaves the two halves.
         both = torch.cat([prod.transpose(0, 1).reshape(d * d, h), prod.reshape(d * d, h)], 1)
-        values = _PermuteColumns.apply(both, graph.pos, graph.pos_inverse()).view(d, d, -1)
+        values = _PermuteColumns.apply(both, graph.pos(), graph.columns()).view(d, d, -1)
         if kind == "orth":  # Fᵀ F = I: scalar node blocks D_u = Σ_e c_e (the degree if unweighted)
             if c2 is None:
                 degree = (graph.ptr[1:] - graph.ptr[:-1]).to(f.dtype)
@@ -1003,15 +1053,41 @@ class SheafDiffusionLayer(nn.Module):
         if self.right is not None:
             y = torch.mm(y.reshape(d * n, h), self.right.t()).view(d, n, h)
         y = laplacian.apply_stalk_major(y)
+        coeff = (1.0 + _tanh(self.epsilon)).view(d, 1, 1)
         if self.use_act:
-            y = F.elu(y)
-        return torch.addcmul(-y, x, (1.0 + _tanh(self.epsilon)).view(d, 1, 1))
+            return _ResidualElu.apply(x, coeff, y)
+        return x * coeff - y
 
     def extra_repr(self) -> str:
         return (
             f"stalk_dim={self.stalk_dim}, hidden_channels={self.hidden_channels}, left_weights={self.left is not None}, "
             f"right_weights={self.right is not None}, use_act={self.use_act}, dropout={self.dropout}"
         )
+
+
+class _ResidualElu(torch.autograd.Function):
+    """``coeff ⊙ x − ELU(w)`` (``coeff`` ``[d, 1, 1]``, ``x``/``w`` ``[d, N, h]``) with a hand-written
+    backward: fewer full-size passes and allocations than autograd's (no ``neg`` nodes, the ELU
+    derivative from its saved output instead of another ``exp``, the ``coeff`` gradient as dots)."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, coeff: Tensor, w: Tensor) -> Tensor:  # type: ignore[override]
+        e = F.elu(w)
+        ctx.save_for_backward(x, coeff, e)
+        return torch.addcmul(e, x, coeff, value=-1.0).neg_()
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):  # type: ignore[override]
+        x, coeff, e = ctx.saved_tensors
+        gx = grad * coeff if ctx.needs_input_grad[0] else None
+        gc = None
+        if ctx.needs_input_grad[1]:
+            gc = torch.stack([torch.dot(grad[i].reshape(-1), x[i].reshape(-1)) for i in range(x.size(0))])
+            gc = gc.view_as(coeff)
+        gw = None
+        if ctx.needs_input_grad[2]:
+            gw = torch.ops.aten.elu_backward(grad, 1.0, 1.0, 1.0, True, e).neg_()
+        return gx, gc, gw
 
 
 def _to_stalk_major(x: Tensor, d: int) -> Tensor:
