@@ -373,6 +373,9 @@ def plot_curves(groups: Sequence[Group], path: Path) -> bool:
     if not drawn:
         plt.close(fig)
         return False
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("round")
     ax.set_ylabel(metric)
     ax.set_title(f"{groups[0].setting}: {metric} (mean over seeds)")
@@ -540,7 +543,7 @@ def _strip_label(label: str, key: str) -> str:
 
 
 def plot_xy(groups: Sequence[Group], x_of, x_label: str, strip_key: str, path: Path, title: str,
-            energy: bool = False, integer_x: bool = False) -> bool:
+            energy: bool = False, integer_x: bool = False, xlim: tuple[float, float] | None = None) -> bool:
     """Test primary metric (and optionally the Dirichlet energy) vs a per-run x, one series per
     method label without ``strip_key``; points are runs, lines join the per-x means."""
     plt = _plt()
@@ -574,6 +577,8 @@ def plot_xy(groups: Sequence[Group], x_of, x_label: str, strip_key: str, path: P
 
         for a in axes[0]:
             a.xaxis.set_major_locator(MaxNLocator(integer=True))
+    if xlim is not None:
+        ax.set_xlim(*xlim)
     ax.set_xlabel(x_label)
     ax.set_ylabel(primary)
     ax.grid(alpha=0.3)
@@ -659,7 +664,7 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report") -> 
         het = [g for g in gs if any(_homophily(r) for r in g.runs)]
         if het and plot_xy(het, lambda r: (_homophily(r) or (None, None))[1], "edge homophily of the graph used",
                            "graph.rewire_homophily", out / f"heterophily_{slug}.png",
-                           f"{s}: test metric vs edge homophily"):
+                           f"{s}: test metric vs edge homophily", xlim=(-0.05, 1.05)):
             figures[s].append(f"heterophily_{slug}.png")
 
     lines = ["# Results", "",

@@ -168,14 +168,13 @@ def load_suite(path: str | Path, out: str | Path | None = None) -> tuple[list[Jo
         if not isinstance(grid, Mapping) or not all(isinstance(v, list) and v for v in grid.values()):
             raise SuiteError(f"{where}.grid: expected a table of key = [values...], got {grid!r}")
         combos = [tuple(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [()]
-        for vname, method, vset in variants:
-            for combo in combos:
-                grid_set = tuple(f"{k}={_toml_value(v)}" for k, v in combo)
-                for seed in seeds:
-                    sub = ([",".join(f"{k}={_show(v)}" for k, v in combo)] if combo else []) + [f"seed{seed}"]
-                    run_dir = root.joinpath(name, vname, *sub)
-                    overrides = common + entry_set + vset + grid_set + (f"method={json.dumps(method)}", f"seed={seed}")
-                    jobs.append(Job(name, vname, method, seed, combo, config, overrides, run_dir))
+        # seed-major order: consecutive runs share the task (same task config and seed) and
+        # the pipeline's stage-1 cache
+        for combo, seed, (vname, method, vset) in itertools.product(combos, seeds, variants):
+            grid_set = tuple(f"{k}={_toml_value(v)}" for k, v in combo)
+            sub = ([",".join(f"{k}={_show(v)}" for k, v in combo)] if combo else []) + [f"seed{seed}"]
+            overrides = common + entry_set + vset + grid_set + (f"method={json.dumps(method)}", f"seed={seed}")
+            jobs.append(Job(name, vname, method, seed, combo, config, overrides, root.joinpath(name, vname, *sub)))
     return jobs, root
 
 
@@ -246,6 +245,7 @@ def run_suite(suite_path: str | Path, out: str | Path | None = None, only: Seque
         shutil.copyfile(suite_path, copy)  # provenance: the suite that made these runs
     result = SuiteResult(jobs)
     bar = _bar(len(jobs), progress)
+    cache: dict[str, Any] = {}  # the last task built, reused while (task config, seed) is unchanged
     for job in jobs:
         bar.set_postfix_str(job.label)
         if (job.run_dir / "summary.json").is_file():
@@ -255,7 +255,8 @@ def run_suite(suite_path: str | Path, out: str | Path | None = None, only: Seque
         t0 = time.perf_counter()
         status: dict[str, Any] = {"run": job.label, "run_dir": str(job.run_dir)}
         try:
-            res = run(job.config(), run_dir=job.run_dir, resume=True, progress=False)
+            config = job.config()
+            res = run(config, task=_task(config, cache), run_dir=job.run_dir, resume=True, progress=False)
         except KeyboardInterrupt:
             _log(root, {**status, "status": "interrupted", "seconds": round(time.perf_counter() - t0, 1)})
             raise
@@ -280,6 +281,16 @@ def run_suite(suite_path: str | Path, out: str | Path | None = None, only: Seque
         log.error("%d of %d suite runs failed: %s", len(result.failed), len(jobs),
                   ", ".join(j.label for j, _ in result.failed))
     return result
+
+
+def _task(config: RunConfig, cache: dict[str, Any]) -> Any:
+    from shn.runner import make_task
+
+    key = (config.task, config.seed)
+    if cache.get("key") != key:
+        cache.clear()  # free the previous task's data before building the next
+        cache["task"], cache["key"] = make_task(config), key
+    return cache["task"]
 
 
 def _log(root: Path, record: Mapping[str, Any]) -> None:
