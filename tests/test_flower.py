@@ -249,15 +249,34 @@ def test_run_config_maps_onto_run_config(tmp_path):
         resolve_run_config({"config": "nope.toml"}, APP_DIR)
 
 
-def test_server_app_main_runs_on_a_grid(tmp_path):
-    """The ServerApp object itself (what flwr loads from flower_app/) on the in-process grid."""
+def test_flower_app_modules_run_on_a_grid(tmp_path, monkeypatch):
+    """The ServerApp and ClientApp objects flwr loads from flower_app/ (its light ClientApp
+    imports shn only to train or evaluate) on the in-process grid; its query reply is the
+    engine's."""
+    monkeypatch.syspath_prepend(str(APP_DIR))
+    from shn_flower_app import client_app, server_app
+
+    grid = InProcessGrid(client_app.app, 2)
+    grid.main(server_app.app, {"config": "configs/digits.toml", "run-dir": str(tmp_path / "r"),
+                               "overrides": "rounds=1 clients_per_round=2 task.num_clients=2 local.steps=1"})
+    summary = json.loads((tmp_path / "r" / "summary.json").read_text())
+    assert summary["rounds"] == 1 and summary["failed_clients"] == 0 and set(summary["per_client"]) == {"0", "1"}
+    query = next(m for m in grid.sent if m.metadata.message_type == "query")
+    context = grid.contexts[query.metadata.dst_node_id]
+    light = client_app.app(query, context).content["metrics"]
+    assert dict(light) == dict(make_client_app()(query, context).content["metrics"]) == {
+        "partition-id": context.node_config["partition-id"]}
+    del context.node_config["partition-id"]
+    with pytest.raises(ValueError, match="partition-id"):
+        client_app.app(query, context)
+
+
+def test_server_app_defaults_and_result_callback(tmp_path):
     results = []
-    app = make_server_app(app_dir=APP_DIR, on_result=results.append)
-    grid = InProcessGrid(make_client_app(), 2)
-    grid.main(app, {"config": "configs/digits.toml", "run-dir": str(tmp_path / "r"),
-                    "overrides": "rounds=1 clients_per_round=2 task.num_clients=2 local.steps=1"})
-    assert results and results[0].summary["rounds"] == 1
-    assert (tmp_path / "r" / "summary.json").is_file()
+    app = make_server_app(defaults={"overrides": "rounds=1 clients_per_round=2 task.num_clients=2 local.steps=1",
+                                    "run-dir": str(tmp_path / "r")}, on_result=results.append)
+    InProcessGrid(make_client_app(), 2).main(app)  # an empty run config, as with run_simulation
+    assert results and results[0].summary["rounds"] == 1 and results[0].run_dir == tmp_path / "r"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -395,7 +414,7 @@ def test_deployment_with_tls_and_node_auth(tmp_path, monkeypatch):
         overrides = (f"method={method} rounds=2 clients_per_round=2 eval_every=2 task.num_clients=2 "
                      "local.steps=5 local.batch_size=16")
         r = flwr("run", str(APP_DIR), "deploy", "--format", "json",
-                 "--run-config", f"overrides='{overrides}' run-dir='{out}' round-timeout=300.0")
+                 "--run-config", f"overrides='{overrides}' run-dir='{out}'")
         assert r.returncode == 0, r.stdout + r.stderr
         run_id = json.loads(r.stdout)["run-id"]
 
@@ -403,7 +422,7 @@ def test_deployment_with_tls_and_node_auth(tmp_path, monkeypatch):
             ls = flwr("ls", "deploy", "--run-id", str(run_id), "--format", "json")
             runs = json.loads(ls.stdout).get("runs", []) if ls.returncode == 0 else []
             return runs and runs[0]["status"].startswith("finished") and runs[0]["status"]
-        status = wait_for(finished, 600, "the run to finish", poll=3)
+        status = wait_for(finished, 900, "the run to finish", poll=3)
         assert status == "finished:completed", flwr("log", str(run_id), "deploy", "--show").stdout[-4000:]
         summary = json.loads((out / "summary.json").read_text())
         assert summary["rounds"] == 2 and summary["failed_clients"] == 0 and summary["engine"] == "flower"

@@ -8,8 +8,9 @@ its own partition. With the same config and seed, the numbers equal the in-proce
 
 Protocol (Flower Message API, one SuperNode = one client, identity = ``partition-id``):
 
-* ``query``: the server sends the resolved config (TOML text); the client loads its partition
-  (``context.node_config["partition-id"]``, never the random node id) and replies with it.
+* ``query``: the client replies with its ``context.node_config["partition-id"]`` (identity is
+  the partition id, never the random node id). It loads nothing: a deployed SuperNode starts a
+  fresh process per message, and ``flower_app`` answers this one without importing torch.
 * ``train``: per sampled client, its personalised weights (``algorithm.weights_for``) as the
   ArrayRecord ``"arrays"`` and a ConfigRecord ``"config"`` (round, client, its slot in the round's
   cohort, cohort size, config text). The client trains with the round's generator
@@ -296,7 +297,7 @@ def discover_clients(grid: Any, text: str, wanted: Sequence[int], min_nodes: int
             for reply in grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
                 node = int(reply.metadata.src_node_id)
                 if reply.has_error():
-                    log.warning("node %d could not load its partition: %s", node, reply.error.reason)
+                    log.warning("node %d did not say which client it is: %s", node, reply.error.reason)
                     continue
                 try:
                     c = int(reply.content["metrics"]["partition-id"])
@@ -501,10 +502,9 @@ def handle_evaluate(msg: Any, context: Any) -> Any:
 
 
 def handle_query(msg: Any, context: Any) -> Any:
-    client = partition_id(context)
-    built = client_built(str(msg.content["config"]["shn-config"]), client, context.node_config)
-    n = int(built.runtime.store.num_train([client])[0])
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": client, "num-examples": n})}), reply_to=msg)
+    """Which client is this node? Answered from the node config alone (no data, no torch work):
+    ``flower_app``'s ClientApp answers it without importing shn at all, and must reply the same."""
+    return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id(context)})}), reply_to=msg)
 
 
 def make_client_app() -> Any:
