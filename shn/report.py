@@ -308,7 +308,8 @@ def main_table(groups: Sequence[Group]) -> str:
 def detail_metrics(groups: Sequence[Group]) -> list[str]:
     primary = groups[0].primary
     names = {k for g in groups for r in g.runs for k in r.summary.get("metrics", {})
-             if k.startswith("test_") and isinstance(r.summary["metrics"][k], (int, float))}
+             if k.startswith("test_") and isinstance(r.summary["metrics"][k], (int, float))
+             and not re.search(r"_h\d+$", k)}  # per-horizon metrics: in results.csv only
     others = sorted(names - {primary}, key=lambda k: (k.endswith("loss"), k))
     val = "val_" + primary.removeprefix("test_")
     cols = [primary] + others + [val]
@@ -500,8 +501,12 @@ def plot_graph(run: Run, title: str, path: Path) -> bool:
     homophily = _homophily(run)
     h = f", edge homophily {homophily[1]:.3f} ({homophily[0]})" if homophily else ""
     ax.set_title(f"{title}\n{n} clients, {len(rows)} edges, coloured by {how}{h}\n({layout})", fontsize=9)
-    ax.set_xticks([])
-    ax.set_yticks([])
+    if layout == "coordinates":
+        ax.set_xlabel("longitude")
+        ax.set_ylabel("latitude")
+    else:
+        ax.set_xticks([])
+        ax.set_yticks([])
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
