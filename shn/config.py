@@ -248,6 +248,8 @@ class RunConfig:
 # loading
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
+    """Read a TOML config into a validated ``RunConfig``, applying ``KEY=VALUE`` overrides (as
+    ``shn run --set``). Raises ``ConfigError`` naming the key or file on any problem."""
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -280,6 +282,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 
 
 def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
+    """Build a validated ``RunConfig`` from a dict shaped like the TOML file."""
     data = dict(data)
     task_table = dict(data.pop("task", {}) or {})
     methods_table = dict(data.pop("methods", {}) or {})

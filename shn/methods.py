@@ -80,6 +80,7 @@ def register_method(name: str, options: type | None = None, *, needs_graph: bool
 
 
 def available_methods() -> list[str]:
+    """Names of the registered methods (built-in and user-registered), sorted."""
     return METHODS.names()
 
 

@@ -65,4 +65,5 @@ def register_task(name: str, options: type | None = None, *, replace: bool = Fal
 
 
 def available_tasks() -> list[str]:
+    """Names of the registered tasks (built-in and user-registered), sorted."""
     return TASKS.names()
