@@ -5,7 +5,7 @@
     shn sweep CONFIG --trials N --storage URL [--workers W] [--study NAME]
     shn suite SUITE.toml              every (method, task, seed) of a comparison, resumable
     shn report RUN_DIR... [--out DIR] tables and plots from recorded metrics
-    shn flower simulate CONFIG [--supernodes N] [--set KEY=VALUE]...   the Flower engine (docs/flower.md)
+    shn flower simulate CONFIG [--supernodes N] [--set KEY=VALUE]...   the Flower engine (README: Running across machines with Flower)
 
 User errors (bad config, missing or malformed file) end in one line on stderr and exit code 2.
 """

@@ -1,6 +1,6 @@
 """The Flower engine (``shn.flower.engine``): any registered method as a Flower ServerApp +
 ClientApp, numerically equal to the in-process engine. See ``shn.flower.engine`` for the
-protocol and run config, ``flower_app/`` for the Flower app and docs/flower.md for deployment.
+protocol and run config, ``flower_app/`` for the Flower app and the README section "Running across machines with Flower" for deployment.
 
 Importing this package does not import Flower; the engine's names are loaded on first use.
 """

@@ -26,9 +26,9 @@ def add_flower_parser(sub: Any) -> None:
     """``shn flower simulate CONFIG [--supernodes N] [--set KEY=VALUE]... [--out DIR]``.
 
     Deployment (SuperLink + SuperNodes, TLS, node authentication) uses ``flwr run`` on the app in
-    ``flower_app/``; the commands are in docs/flower.md.
+    ``flower_app/``; the commands are in the README section "Running across machines with Flower".
     """
-    p = sub.add_parser("flower", help="run on Flower: simulation here; deployment via flwr run (docs/flower.md)")
+    p = sub.add_parser("flower", help="run on Flower: simulation here; deployment via flwr run (README: Running across machines with Flower)")
     fsub = p.add_subparsers(dest="flower_command", required=True)
     s = fsub.add_parser("simulate", help="the Flower app on Flower's Ray simulation backend, in this process")
     s.add_argument("config", help="TOML config file (as for shn run)")
