@@ -201,31 +201,42 @@ def _write_cfg(path: Path, **changes) -> Path:
 
 
 def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_metrics(tmp_path):
-    cfg = _write_cfg(tmp_path / "cfg.toml", rounds=8, eval_every=2, checkpoint_every=1, clients_per_round=3,
-                     **{"faults.dropout": 0.2})
-    ref_dir, run_dir = tmp_path / "ref", tmp_path / "killed"
+    rounds = 12
+    cfg = _write_cfg(tmp_path / "cfg.toml", rounds=rounds, eval_every=3, checkpoint_every=1, clients_per_round=3,
+                     **{"faults.dropout": 0.2, "local.steps": 3})
+    ref_dir = tmp_path / "ref"
     assert main(["run", str(cfg), "--out", str(ref_dir), "--no-progress"]) == 0
     ref = json.loads((ref_dir / "summary.json").read_text())
+    window = ref["wall_time_s"] * (rounds - 2) / rounds  # about the time from the first checkpoint to the end
 
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    proc = subprocess.Popen([sys.executable, "-m", "shn.cli", "run", str(cfg), "--out", str(run_dir), "--no-progress"],
-                            cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    try:
-        deadline = time.monotonic() + 600
-        while not (run_dir / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
-            time.sleep(0.01)
-        time.sleep(random.Random().uniform(0.0, 1.5))  # a random moment after the first checkpoint
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.wait()
+    rng = random.Random()
+    for attempt in range(4):  # the kill must land while the run is still going
+        run_dir = tmp_path / f"killed{attempt}"
+        proc = subprocess.Popen([sys.executable, "-m", "shn.cli", "run", str(cfg), "--out", str(run_dir), "--no-progress"],
+                                cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            deadline = time.monotonic() + 600
+            while not (run_dir / "checkpoint.pt").exists() and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.005)
+            time.sleep(rng.uniform(0.0, window) / 2 ** attempt)  # a random moment after the first checkpoint
+            alive = proc.poll() is None
+            if alive:
+                os.kill(proc.pid, signal.SIGKILL)
+        finally:
+            proc.wait()
+        if alive and not (run_dir / "summary.json").exists():
+            break
+    else:
+        pytest.fail("the run always finished before it could be killed")
     state = load_checkpoint(run_dir)
-    assert state is not None and 1 <= state["round"] <= 8
+    assert state is not None and 1 <= state["round"] <= rounds
     assert main(["run", str(cfg), "--out", str(run_dir), "--resume", "--no-progress"]) == 0
     got = json.loads((run_dir / "summary.json").read_text())
     assert _metrics(got) == _metrics(ref)
     assert got["per_client"] == ref["per_client"] and got["failed_clients"] == ref["failed_clients"]
     lines = (run_dir / "metrics.jsonl").read_text().splitlines()
-    assert [json.loads(x)["round"] for x in lines] == [2, 4, 6, 8]
+    assert [json.loads(x)["round"] for x in lines] == [3, 6, 9, 12]
 
 
 def test_resume_is_exact_with_dropout_in_the_graph_encoder(tmp_path):
