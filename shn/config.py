@@ -250,14 +250,18 @@ class RunConfig:
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
     """Read a TOML config into a validated ``RunConfig``, applying ``KEY=VALUE`` overrides (as
     ``shn run --set``). Raises ``ConfigError`` naming the key or file on any problem."""
+    return config_from_dict(apply_overrides(read_toml(path), overrides))
+
+
+def read_toml(path: str | Path, what: str = "config", error: type[ConfigError] = ConfigError) -> dict[str, Any]:
+    """A TOML file as a dict; a missing or malformed file raises ``error`` naming it."""
     path = Path(path)
     if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
+        raise error(f"{path}: {what} file not found")
     try:
-        data = tomllib.loads(path.read_text())
+        return tomllib.loads(path.read_text())
     except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    return config_from_dict(apply_overrides(data, overrides))
+        raise error(f"{path}: not valid TOML ({e})") from None
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:

@@ -148,7 +148,7 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
                  resume: bool = False, progress: bool = True, on_eval=None, held_out: Sequence[int] = ()):
     """Run stages 1–3 and return stage 3's ``RunResult`` (its summary gains ``graph`` and
     ``stage1_metrics``). Every stage writes its own sub-directory of ``run_dir``."""
-    from shn.runner import build, execute, make_task, run
+    from shn.runner import build, execute, make_task
 
     task = task if task is not None else make_task(config)
     root = Path(run_dir) if run_dir is not None else None

@@ -39,13 +39,12 @@ import json
 import logging
 import shutil
 import time
-import tomllib
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict
+from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, read_toml
 
 log = logging.getLogger("shn.suite")
 
@@ -77,9 +76,7 @@ class Job:
         return "/".join([self.entry, self.variant] + ([grid] if grid else []) + [f"seed{self.seed}"])
 
     def config(self) -> RunConfig:
-        path = Path(self.config_path)
-        data = tomllib.loads(path.read_text())
-        return config_from_dict(apply_overrides(data, list(self.overrides)))
+        return config_from_dict(apply_overrides(read_toml(self.config_path), list(self.overrides)))
 
 
 @dataclass
@@ -124,12 +121,7 @@ def _strings(value: Any, where: str) -> tuple[str, ...]:
 def load_suite(path: str | Path, out: str | Path | None = None) -> tuple[list[Job], Path]:
     """Parse and expand a suite file into jobs (no config validation yet)."""
     path = Path(path)
-    if not path.is_file():
-        raise SuiteError(f"{path}: suite file not found")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise SuiteError(f"{path}: not valid TOML ({e})") from None
+    data = read_toml(path, "suite", SuiteError)
     unknown = sorted(set(data) - _SUITE_KEYS)
     if unknown:
         raise SuiteError(f"{path}: unknown key {unknown[0]!r}; allowed: {', '.join(sorted(_SUITE_KEYS))}")

@@ -45,12 +45,11 @@ import pickle
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, dumps_toml
+from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, dumps_toml, read_toml
 
 DISTRIBUTIONS = ("float", "int", "categorical")
 _ALLOWED_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
@@ -180,14 +179,7 @@ def without_sweep(data: Mapping[str, Any]) -> dict[str, Any]:
 
 def load_base(config_path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
     """The raw TOML of ``config_path`` with ``--set`` overrides applied (validated)."""
-    path = Path(config_path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: config file not found")
-    try:
-        data = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML ({e})") from None
-    data = apply_overrides(data, list(overrides))
+    data = apply_overrides(read_toml(config_path), list(overrides))
     config_from_dict(data)
     return data
 
