@@ -79,11 +79,16 @@ class Simulation:
         self._train_losses: list[float] = []
 
     # -- one round -------------------------------------------------------------------------
+    def round_clients(self, round_: int) -> list[int]:
+        """The round's sampled clients that did not fail (failures are counted)."""
+        sampled = self.sampler.clients(round_)
+        clients = self.faults.surviving(self.config.seed, round_, sampled)
+        self.failed += len(sampled) - len(clients)
+        return clients
+
     def run_round(self, round_: int) -> dict[str, float]:
         cfg = self.config
-        sampled = self.sampler.clients(round_)
-        clients = self.faults.surviving(cfg.seed, round_, sampled)
-        self.failed += len(sampled) - len(clients)
+        clients = self.round_clients(round_)
         if not clients:
             return {"accepted": 0.0, "rejected": 0.0}
         weights = self.server.weights_for(clients)

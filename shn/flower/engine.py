@@ -212,10 +212,7 @@ class FlowerSimulation(Simulation):
         return {c: v for c, v in out.items() if v is not None}
 
     def run_round(self, round_: int) -> dict[str, float]:
-        cfg = self.config
-        sampled = self.sampler.clients(round_)
-        clients = self.faults.surviving(cfg.seed, round_, sampled)
-        self.failed += len(sampled) - len(clients)
+        clients = self.round_clients(round_)
         if not clients:
             return {"accepted": 0.0, "rejected": 0.0}
         weights = self.server.weights_for(clients)
