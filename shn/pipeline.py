@@ -157,8 +157,8 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
     pool = [c for c in range(task.num_clients) if c not in set(held_out)]
 
     # Stage 1: plain pFedHN.
-    stage1_rounds = config.graph.stage1_rounds or config.rounds
-    stage1_cfg = replace(config, method="pfedhn", rounds=stage1_rounds, encoder=replace(config.encoder, kind=None))
+    stage1_cfg = stage1_config(config)
+    stage1_rounds = stage1_cfg.rounds
     cached = _stage1_cache_dir(config, stage1_cfg, held_out)
     if cached is not None and (cached / "embeddings.pt").is_file() and (cached / "summary.json").is_file():
         # graph methods sharing a seed and budget share stage 1 (e.g. GHN, Panacea, SHN in a suite)
@@ -200,6 +200,32 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
         if stage3_dir is not None:
             atomic_write_text(stage3_dir / "summary.json", json.dumps(result.summary, indent=2, sort_keys=True) + "\n")
     return result
+
+
+def stage1_config(config: RunConfig) -> RunConfig:
+    """The plain pFedHN run that stage 1 of ``config``'s pipeline trains."""
+    return replace(config, method="pfedhn", rounds=config.graph.stage1_rounds or config.rounds,
+                   encoder=replace(config.encoder, kind=None))
+
+
+def publish_stage1(config: RunConfig, held_out: Sequence[int]):
+    """For a plain pFedHN run with ``graph.stage1_cache`` that IS the stage 1 of the same config's
+    pipeline (same seed and rounds): an after-training hook that stores its embeddings and metrics
+    in the cache, so that GHN/Panacea/SHN of a suite skip re-training it. ``None`` otherwise."""
+    if config.method != "pfedhn" or config.graph.stage1_rounds not in (0, None, config.rounds):
+        return None
+    cached = _stage1_cache_dir(config, stage1_config(config), held_out)
+    if cached is None:
+        return None
+
+    def publish(result: Any) -> dict[str, Any]:
+        # runs before the other hooks (novel-client fitting), like stage 1 itself
+        if not (cached / "embeddings.pt").is_file():
+            atomic_write_text(cached / "summary.json", json.dumps(result.summary, indent=2, sort_keys=True) + "\n")
+            torch.save(result.algorithm.hn.embeddings.weight.detach().cpu().clone(), cached / "embeddings.pt")
+        return {}
+
+    return publish
 
 
 def _stage1_cache_dir(config: RunConfig, stage1_cfg: RunConfig, held_out: Sequence[int]) -> Path | None:

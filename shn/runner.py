@@ -200,6 +200,12 @@ def run(config: RunConfig, *, task: Task | None = None, run_dir: str | Path | No
 
         return run_pipeline(config, task=task, run_dir=run_dir, resume=resume, progress=progress, on_eval=on_eval)
     built = build(config, task=task, **build_kwargs)
+    if config.graph.stage1_cache and build_kwargs.get("warm_embeddings") is None:
+        from shn.pipeline import publish_stage1
+
+        publish = publish_stage1(config, built.context.held_out)
+        if publish is not None:
+            built.context.extras.setdefault("after_training", []).insert(0, publish)
     return execute(built, run_dir=run_dir, resume=resume, progress=progress, on_eval=on_eval)
 
 

@@ -13,6 +13,7 @@ A suite file lists entries; each entry is a base config run with several methods
     methods = [
         "local", "fedavg", "pfedhn",           # a registered method name, or a variant:
         { name = "shn-knn", method = "shn", set = ["graph.kind=\\"knn\\""] },
+        { name = "fedper", method = "fedper", seeds = [0] },   # a variant may set its own seeds
     ]
     grid = { "encoder.layers" = [1, 2, 4] }    # optional: one run per combination (depth studies)
 
@@ -50,7 +51,7 @@ log = logging.getLogger("shn.suite")
 
 _SUITE_KEYS = {"out", "set", "runs"}
 _ENTRY_KEYS = {"name", "config", "methods", "seeds", "set", "grid"}
-_VARIANT_KEYS = {"name", "method", "set"}
+_VARIANT_KEYS = {"name", "method", "set", "seeds"}
 
 
 class SuiteError(ConfigError):
@@ -151,9 +152,7 @@ def load_suite(path: str | Path, out: str | Path | None = None) -> tuple[list[Jo
             raise SuiteError(f"{where}.config: expected a config file path, got {config!r}")
         if not Path(config).is_file():
             raise SuiteError(f"{where}.config: {config} not found (paths are relative to the working directory)")
-        seeds = entry.get("seeds", [0])
-        if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds):
-            raise SuiteError(f"{where}.seeds: expected a non-empty list of integers ≥ 0, got {seeds!r}")
+        seeds = _seeds(entry.get("seeds", [0]), f"{where}.seeds")
         entry_set = _strings(entry.get("set"), f"{where}.set")
         variants = _variants(entry.get("methods"), where)
         grid = entry.get("grid") or {}
@@ -162,7 +161,10 @@ def load_suite(path: str | Path, out: str | Path | None = None) -> tuple[list[Jo
         combos = [tuple(zip(grid, values)) for values in itertools.product(*grid.values())] if grid else [()]
         # seed-major order: consecutive runs share the task (same task config and seed) and
         # the pipeline's stage-1 cache
-        for combo, seed, (vname, method, vset) in itertools.product(combos, seeds, variants):
+        every_seed = sorted(set(seeds).union(*(v[3] or () for v in variants)))
+        for combo, seed, (vname, method, vset, vseeds) in itertools.product(combos, every_seed, variants):
+            if seed not in (seeds if vseeds is None else vseeds):
+                continue
             grid_set = tuple(f"{k}={_toml_value(v)}" for k, v in combo)
             sub = ([",".join(f"{k}={_show(v)}" for k, v in combo)] if combo else []) + [f"seed{seed}"]
             overrides = common + entry_set + vset + grid_set + (f"method={json.dumps(method)}", f"seed={seed}")
@@ -170,13 +172,19 @@ def load_suite(path: str | Path, out: str | Path | None = None) -> tuple[list[Jo
     return jobs, root
 
 
-def _variants(methods: Any, where: str) -> list[tuple[str, str, tuple[str, ...]]]:
+def _seeds(seeds: Any, where: str) -> list[int]:
+    if not isinstance(seeds, list) or not seeds or not all(type(s) is int and s >= 0 for s in seeds):
+        raise SuiteError(f"{where}: expected a non-empty list of integers ≥ 0, got {seeds!r}")
+    return seeds
+
+
+def _variants(methods: Any, where: str) -> list[tuple[str, str, tuple[str, ...], list[int] | None]]:
     if not isinstance(methods, list) or not methods:
         raise SuiteError(f"{where}.methods: expected a non-empty list of method names or variant tables")
     out, seen = [], set()
     for m in methods:
         if isinstance(m, str):
-            name, method, vset = m, m, ()
+            name, method, vset, vseeds = m, m, (), None
         elif isinstance(m, Mapping):
             unknown = sorted(set(m) - _VARIANT_KEYS)
             if unknown:
@@ -188,12 +196,13 @@ def _variants(methods: Any, where: str) -> list[tuple[str, str, tuple[str, ...]]
                 raise SuiteError(f"{where}.methods: a variant needs method = \"<registered method>\" and a "
                                  f"folder name, got {dict(m)!r}")
             vset = _strings(m.get("set"), f"{where}.methods[{name!r}].set")
+            vseeds = _seeds(m["seeds"], f"{where}.methods[{name!r}].seeds") if "seeds" in m else None
         else:
             raise SuiteError(f"{where}.methods: expected a method name or a variant table, got {m!r}")
         if name in seen:
             raise SuiteError(f"{where}.methods: {name!r} appears twice (give variants distinct names)")
         seen.add(name)
-        out.append((name, method, vset))
+        out.append((name, method, vset, vseeds))
     return out
 
 

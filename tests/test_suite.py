@@ -58,6 +58,27 @@ grid = { "encoder.layers" = [1, 4] }
     assert (config.graph.kind, config.encoder.layers) == ("knn", 4)
 
 
+def test_variant_seeds_replace_the_entry_seeds(tmp_path):
+    suite = write(tmp_path, """
+[[runs]]
+name = "cmp"
+config = "CONFIG"
+seeds = [0, 1, 2]
+methods = ["pfedhn", { name = "fedavg", method = "fedavg", seeds = [0, 5] }]
+""")
+    jobs, _ = load_suite(suite)
+    assert [(j.variant, j.seed) for j in jobs] == [("pfedhn", 0), ("fedavg", 0), ("pfedhn", 1), ("pfedhn", 2),
+                                                   ("fedavg", 5)]
+    bad = write(tmp_path, """
+[[runs]]
+name = "cmp"
+config = "CONFIG"
+methods = [{ name = "fedavg", method = "fedavg", seeds = [] }]
+""")
+    with pytest.raises(SuiteError, match=r"methods\['fedavg'\]\.seeds: expected a non-empty list"):
+        load_suite(bad)
+
+
 def test_unknown_method_fails_before_running(tmp_path):
     suite = write(tmp_path, """
 [[runs]]

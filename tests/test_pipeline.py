@@ -1,0 +1,48 @@
+"""The three-stage pipeline's stage-1 cache: a plain pFedHN run of the same config and seed
+publishes itself as stage 1, so the graph methods of a suite do not train pFedHN again."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import baselines  # noqa: F401 - registers the methods
+from shn.config import load_config
+from shn.runner import make_task, run
+
+QUICKSTART = "experiments/configs/quickstart.toml"
+TINY = ["task.num_clients=6", "clients_per_round=3", 'task.model="mlp"', "rounds=2", "eval_every=2",
+        "local.steps=2", "hypernetwork.hidden=16", "hypernetwork.n_hidden=1", 'graph.kind="knn"', "graph.k=2",
+        "encoder.layers=1", "novel.fraction=0.34", "novel.steps=2"]
+
+
+def config(method: str, cache, *overrides: str):
+    return load_config(QUICKSTART, TINY + [f"method={method}", f'graph.stage1_cache="{cache}"', *overrides])
+
+
+@pytest.fixture(scope="module")
+def task():
+    return make_task(config("pfedhn", "unused"))
+
+
+def test_pfedhn_run_is_reused_as_stage1_and_changes_nothing(task, tmp_path):
+    shared, fresh = tmp_path / "shared", tmp_path / "fresh"
+    pfedhn = run(config("pfedhn", shared), task=task, run_dir=tmp_path / "pfedhn", progress=False)
+    (entry,) = list(shared.iterdir())
+    assert (entry / "embeddings.pt").is_file()
+    assert "novel_test_accuracy" in pfedhn.summary  # its own novel-client fit still ran, after publishing
+    assert "novel_test_accuracy" not in json.loads((entry / "summary.json").read_text())
+
+    reused = run(config("shn", shared), task=task, run_dir=tmp_path / "reused", progress=False)
+    assert list(shared.iterdir()) == [entry]  # no second stage 1
+    assert reused.summary["stage1_metrics"] == pfedhn.summary["metrics"]
+    trained = run(config("shn", fresh), task=task, run_dir=tmp_path / "trained", progress=False)
+    assert trained.summary["stage1_metrics"] == pfedhn.summary["metrics"]
+    assert trained.summary["metrics"] == reused.summary["metrics"]
+    assert trained.summary["novel_test_accuracy"] == reused.summary["novel_test_accuracy"]
+
+
+def test_pfedhn_run_with_another_budget_is_not_stage1(task, tmp_path):
+    run(config("pfedhn", tmp_path / "cache", "graph.stage1_rounds=1"), task=task, progress=False)
+    assert not any((tmp_path / "cache").glob("*/embeddings.pt"))
