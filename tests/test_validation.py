@@ -8,6 +8,7 @@ import hashlib
 import logging
 import math
 
+import numpy as np
 import pytest
 import torch
 
@@ -80,7 +81,7 @@ def test_bad_delta_is_rejected_with_a_reason(case):
 
 
 @pytest.mark.parametrize("count", [0, -5, 2.5, 3.0, True, "10", None, torch.tensor(4.0), torch.tensor([1, 2]),
-                                   torch.tensor(0)], ids=repr)
+                                   torch.tensor(0), torch.tensor(True), np.int64(0)], ids=repr)
 def test_bad_example_count_is_rejected(count):
     reason = validate_update(SPEC, good_delta(), count, MAX_NORM)
     assert reason is not None and "example count" in reason

@@ -86,7 +86,8 @@ def validate_update(
         num_examples = int(num_examples)
     if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
         if not (isinstance(num_examples, Tensor) and num_examples.numel() == 1
-                and not num_examples.dtype.is_floating_point and int(num_examples) > 0):
+                and not num_examples.dtype.is_floating_point and not num_examples.is_complex()
+                and num_examples.dtype != torch.bool and int(num_examples) > 0):
             return f"example count {num_examples!r} is not a positive integer"
     return None
 
