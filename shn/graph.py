@@ -569,15 +569,11 @@ def knn_graph(
         return _empty_graph(1, x.device, _weight_dtype(embeddings) if weighted else None)
     if k > n - 1:
         raise ValueError(f"k={k} is too large for {n} clients: each node has only {n - 1} others (need k ≤ {n - 1})")
-    rows, cols = [], []
+    blocks = []
     for start, d in _distance_blocks(x, chunk_size):
         mask = _k_smallest(d, k)
-        r, c = mask.nonzero(as_tuple=True)
-        rows.append(r + start)
-        cols.append(c)
-    edge_index, _ = _coalesce(torch.cat(rows + cols), torch.cat(cols + rows), None, n)
-    weight = _similarity_weights(x, edge_index, metric, _weight_dtype(embeddings)) if weighted else None
-    return ClientGraph._unchecked(edge_index, n, weight)
+        blocks.append((start, mask.nonzero(as_tuple=True)))  # indices only: O(|E|) memory, not O(N²)
+    return _symmetric_graph(blocks, x, n, metric, _weight_dtype(embeddings), weighted)
 
 
 def threshold_graph(
@@ -608,19 +604,15 @@ def threshold_graph(
         raise ValueError(f"tau must be finite, got {tau}")
     if n == 1:
         return _empty_graph(1, x.device, _weight_dtype(embeddings) if weighted else None)
-    rows, cols = [], []
+    blocks = []
     for start, d in _distance_blocks(x, chunk_size):
         # cosine of unit vectors from their distance: cos = 1 − d²/2 (d is exactly symmetric)
         mask = (1.0 - 0.5 * d * d > tau) if metric == "cosine" else (d < tau)
         isolated = ~mask.any(dim=1)
         if bool(isolated.any()):
             mask |= _k_smallest(d, 1) & isolated[:, None]
-        r, c = mask.nonzero(as_tuple=True)
-        rows.append(r + start)
-        cols.append(c)
-    edge_index, _ = _coalesce(torch.cat(rows + cols), torch.cat(cols + rows), None, n)
-    weight = _similarity_weights(x, edge_index, metric, _weight_dtype(embeddings)) if weighted else None
-    return ClientGraph._unchecked(edge_index, n, weight)
+        blocks.append((start, mask.nonzero(as_tuple=True)))  # indices only: O(|E|) memory, not O(N²)
+    return _symmetric_graph(blocks, x, n, metric, _weight_dtype(embeddings), weighted)
 
 
 def complete_graph(num_nodes: int, device: torch.device | str = "cpu") -> ClientGraph:
@@ -1061,6 +1053,18 @@ def _k_smallest(d: Tensor, k: int) -> Tensor:
     at = d == kth
     need = k - below.sum(dim=1, keepdim=True)
     return below | (at & (torch.cumsum(at, dim=1) <= need))
+
+
+def _symmetric_graph(blocks: list[tuple[int, tuple[Tensor, Tensor]]], x: Tensor, n: int, metric: str,
+                     dtype: torch.dtype, weighted: bool) -> ClientGraph:
+    """The symmetrised graph of per-block edges ``(first row of the block, (rows, cols) in it)``."""
+    rows, cols = [], []
+    for start, (r, c) in blocks:
+        rows.append(r + start)
+        cols.append(c)
+    edge_index, _ = _coalesce(torch.cat(rows + cols), torch.cat(cols + rows), None, n)
+    weight = _similarity_weights(x, edge_index, metric, dtype) if weighted else None
+    return ClientGraph._unchecked(edge_index, n, weight)
 
 
 def _similarity_weights(x: Tensor, edge_index: Tensor, metric: str, dtype: torch.dtype) -> Tensor:

@@ -26,6 +26,7 @@ from shn.config import config_from_dict
 from shn.federated.server import Server
 from shn.registry import METHODS
 from shn.runner import run
+from tests.conftest import with_changes
 
 flwr_app = pytest.importorskip("flwr.app")
 from shn.flower.engine import (  # noqa: E402
@@ -55,14 +56,7 @@ def _flower_env(tmp_path_factory, monkeypatch):
 
 
 def make_config(**changes: Any):
-    data = json.loads(json.dumps(SMALL))
-    for key, value in changes.items():
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return config_from_dict(data)
+    return config_from_dict(with_changes(SMALL, **changes))
 
 
 def flower_run(config, tmp_path, client_app=None, grid_cls=InProcessGrid):

@@ -18,12 +18,13 @@ import pytest
 import torch
 
 from shn.cli import main
-from shn.config import ConfigError, config_from_dict, load_config
+from shn.config import ConfigError, config_from_dict
 from shn.federated.records import CheckpointError, load_checkpoint, save_checkpoint
 from shn.federated.robust import coordinate_median, make_aggregate, trimmed_mean
 from shn.federated.server import Server
 from shn.federated.simulation import RoundFaults
-from shn.runner import build, execute, run
+from shn.runner import build, run
+from tests.conftest import state_hash, with_changes
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -32,36 +33,9 @@ TINY = {"seed": 0, "rounds": 4, "clients_per_round": 4, "eval_every": 2,
 
 
 def tiny(**changes) -> dict:
-    data = json.loads(json.dumps(TINY))
-    for key, value in changes.items():
-        node = data
-        parts = key.split(".")
-        for p in parts[:-1]:
-            node = node.setdefault(p, {})
-        node[parts[-1]] = value
-    return data
+    return with_changes(TINY, **changes)
 
 
-def state_hash(obj) -> str:
-    import hashlib
-
-    h = hashlib.sha256()
-
-    def walk(o, path):
-        if isinstance(o, torch.Tensor):
-            t = o.detach().cpu().contiguous()
-            h.update(f"{path}:{t.dtype}:{tuple(t.shape)}".encode() + (t.numpy().tobytes() if t.numel() else b""))
-        elif isinstance(o, dict):
-            for k in sorted(o, key=str):
-                walk(o[k], f"{path}/{k}")
-        elif isinstance(o, (list, tuple)):
-            for i, v in enumerate(o):
-                walk(v, f"{path}[{i}]")
-        else:
-            h.update(f"{path}={o!r}".encode())
-
-    walk(obj, "")
-    return h.hexdigest()
 
 
 # -- rejections per round, in a whole engine round ---------------------------------------------

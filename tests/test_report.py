@@ -16,24 +16,9 @@ from shn.cli import main
 from shn.config import dumps_toml, load_config
 from shn.report import build_report, find_runs, group_runs, spring_layout
 from shn.runner import make_task, run
+from tests.conftest import tiny_digits_toml
 
-TINY = """
-method = "pfedhn"
-seed = 0
-rounds = 3
-clients_per_round = 4
-eval_every = 1
-
-[task]
-name = "digits"
-num_clients = 4
-partition = "pathological"
-classes_per_client = 2
-
-[local]
-steps = 2
-batch_size = 16
-"""
+TINY = tiny_digits_toml("pfedhn", rounds=3)
 
 
 def test_report_on_two_tiny_runs(tmp_path):

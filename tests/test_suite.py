@@ -10,24 +10,9 @@ import pytest
 
 from shn.cli import main
 from shn.suite import SuiteError, load_suite, run_suite
+from tests.conftest import tiny_digits_toml
 
-TINY = """
-method = "local"
-seed = 0
-rounds = 2
-clients_per_round = 4
-eval_every = 1
-
-[task]
-name = "digits"
-num_clients = 4
-partition = "pathological"
-classes_per_client = 2
-
-[local]
-steps = 2
-batch_size = 16
-"""
+TINY = tiny_digits_toml("local", rounds=2)
 
 
 def write(tmp_path: Path, runs: str) -> Path:

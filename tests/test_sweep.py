@@ -15,24 +15,9 @@ import pytest
 from shn.cli import main
 from shn.config import ConfigError, load_config
 from shn.sweep import Objective, _Spec, _work, open_storage, parse_space, sweep
+from tests.conftest import tiny_digits_toml
 
-TINY = """
-method = "local"
-seed = 0
-rounds = 3
-clients_per_round = 4
-eval_every = 1
-
-[task]
-name = "digits"
-num_clients = 4
-partition = "pathological"
-classes_per_client = 2
-
-[local]
-steps = 2
-batch_size = 16
-"""
+TINY = tiny_digits_toml("local", rounds=3)
 
 
 def write_config(tmp_path: Path, sweep_table: str, name: str = "tiny.toml") -> Path:

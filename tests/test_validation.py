@@ -3,8 +3,6 @@ update is rejected with a reason, and a rejected update never touches the server
 
 from __future__ import annotations
 
-import copy
-import hashlib
 import logging
 import math
 
@@ -20,6 +18,7 @@ from shn.federated.validation import validate_update
 from shn.hypernetwork import HyperNetwork
 from shn.target import ParamSpec, module_params
 from tasks.models import MLP
+from tests.conftest import state_hash
 
 MAX_NORM = 1e3
 
@@ -104,26 +103,6 @@ def test_reason_names_the_offending_tensor():
 
 # -- the server: rejected updates never touch the state -----------------------------------------
 
-def state_hash(obj) -> str:
-    """sha256 over every tensor's bytes (and every other leaf's repr) of a nested state dict."""
-    h = hashlib.sha256()
-
-    def walk(o, path):
-        if isinstance(o, torch.Tensor):
-            t = o.detach().cpu().contiguous()
-            h.update(f"{path}:{t.dtype}:{tuple(t.shape)}".encode())
-            h.update(t.numpy().tobytes() if t.numel() else b"")
-        elif isinstance(o, dict):
-            for k in sorted(o, key=str):
-                walk(o[k], f"{path}/{k}")
-        elif isinstance(o, (list, tuple)):
-            for i, v in enumerate(o):
-                walk(v, f"{path}[{i}]")
-        else:
-            h.update(f"{path}={o!r}".encode())
-
-    walk(obj, "")
-    return h.hexdigest()
 
 
 def hn_algorithm() -> HyperNetworkAlgorithm:
