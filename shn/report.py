@@ -331,6 +331,23 @@ def detail_table(groups: Sequence[Group]) -> str:
     return markdown_table(["method"] + cols + ["runs", "seeds"], rows)
 
 
+def horizon_table(groups: Sequence[Group]) -> str | None:
+    """Forecasting: test MAE and RMSE at each recorded horizon (``test_mae_h3``, ...); None when
+    the runs record no per-horizon metrics."""
+    found = {k for g in groups for r in g.runs for k in r.summary.get("metrics", {})
+             if re.fullmatch(r"test_(mae|rmse)_h\d+", k)}
+    if not found:
+        return None
+    cols = sorted(found, key=lambda k: (k.split("_")[1], int(k.rsplit("_h", 1)[1])))
+    rows, means = [], []
+    for g in groups:
+        stats = [g.stats(c) for c in cols]
+        rows.append([g.method] + [cell(st, c) for st, c in zip(stats, cols)])
+        means.append([st[0] if st else None for st in stats])
+    _bold_best(rows, means, [better(c) for c in cols], cols)
+    return markdown_table(["method"] + cols, rows)
+
+
 # --------------------------------------------------------------------------------------------
 # figures
 
@@ -681,6 +698,9 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report") -> 
     for s in settings:
         gs = [g for g in groups if g.setting == s]
         lines += [f"## {s}", "", detail_table(gs), ""]
+        horizons = horizon_table(gs)
+        if horizons is not None:
+            lines += ["Per forecast horizon (steps ahead):", "", horizons, ""]
         for fig in figures[s]:
             lines += [f"![{fig}]({fig})", ""]
     lines += ["Per-group numbers: `results.csv`; per-run numbers and run directories: `runs.csv`.", ""]

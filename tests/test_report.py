@@ -86,6 +86,21 @@ def test_grouping_mean_std_and_bold(tmp_path):
     assert (out / "curves_digits.png").stat().st_size > 0
 
 
+def test_forecasting_report_has_a_per_horizon_table(tmp_path):
+    for seed, mae in ((0, 2.0), (1, 4.0)):
+        root = tmp_path / "fc" / f"seed{seed}"
+        root.mkdir(parents=True)
+        (root / "config.toml").write_text(dumps_toml({"method": "fedavg", "seed": seed, "task": {"name": "traffic"}}))
+        metrics = {"test_mse": mae ** 2, "test_mae": mae, "test_mae_h3": mae / 2, "test_mae_h12": mae * 2,
+                   "test_rmse_h3": mae, "test_rmse_h12": mae * 3, "val_mse": mae ** 2}
+        (root / "summary.json").write_text(json.dumps({"method": "fedavg", "task": "traffic", "seed": seed,
+                                                       "primary_metric": "test_mse", "metrics": metrics}))
+    md = build_report([tmp_path / "fc"], tmp_path / "report").read_text()
+    assert "| method | test_mae_h3 | test_mae_h12 | test_rmse_h3 | test_rmse_h12 |" in md
+    assert "| fedavg | 1.5000 ± 0.7071 | 6.0000 ± 2.8284 | 3.0000 ± 1.4142 | 9.0000 ± 4.2426 |" in md
+    assert "test_mae_h3" not in md.split("Per forecast horizon")[0]  # not in the detail table
+
+
 def test_spring_layout_is_finite_and_deterministic():
     adj = torch.zeros(6, 6)
     for i in range(6):
