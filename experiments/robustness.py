@@ -3,9 +3,12 @@ the robust option, on the digits quickstart (experiments/configs/quickstart.toml
 
     python experiments/robustness.py                # the whole grid (25 runs), resumable
     python experiments/robustness.py --rounds 150 --steps 20 --model auto   # the quickstart itself
+    python experiments/robustness.py --methods ghn panacea shn --attacks none label_flip   # a part
 
 Methods: pFedHN without / with per-client delta clipping (``validation.clip_norm``), FedAvg with
-the weighted mean / coordinate-wise median / trimmed mean (``methods.fedavg.aggregation``).
+the weighted mean / coordinate-wise median / trimmed mean (``methods.fedavg.aggregation``), and
+the graph hypernetworks GHN, Panacea (whose graph regulariser is claimed to add robustness) and
+SHN on the kNN graph inferred from pFedHN's embeddings (three-stage pipeline).
 Attacks (``[attack]``): none, scale, sign_flip, random, label_flip, by ``--fraction`` of the
 clients (chosen from the run seed, the same clients for every method). The budget is reduced
 from the quickstart's 150 rounds × 20 local steps with its small CNN to 50 rounds × 10 steps
@@ -28,13 +31,19 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-METHODS = {  # name -> (method, robust option?, overrides)
-    "pfedhn": ("pfedhn", False, []),
-    "pfedhn+clip": ("pfedhn", True, ["validation.clip_norm={clip_norm}"]),
-    "fedavg": ("fedavg", False, []),
-    "fedavg+median": ("fedavg", True, ["methods.fedavg.aggregation=median"]),
+# Graph methods run the three-stage pipeline on the inferred kNN graph; the pFedHN run of the same
+# attack is their stage 1 (graph.stage1_cache), so the graph columns cost one run each.
+GRAPH = ['graph.kind="knn"', "graph.k=3", 'graph.stage1_cache="{stage1_cache}"']
+METHODS = {  # name -> (method, robust option?, overrides, column title)
+    "pfedhn": ("pfedhn", False, GRAPH, "pFedHN"),
+    "pfedhn+clip": ("pfedhn", True, ["validation.clip_norm={clip_norm}"], "pFedHN + clip"),
+    "fedavg": ("fedavg", False, [], "FedAvg (mean)"),
+    "fedavg+median": ("fedavg", True, ["methods.fedavg.aggregation=median"], "FedAvg + median"),
     "fedavg+trimmed_mean": ("fedavg", True, ["methods.fedavg.aggregation=trimmed_mean",
-                                             "methods.fedavg.trim_fraction={trim_fraction}"]),
+                                             "methods.fedavg.trim_fraction={trim_fraction}"], "FedAvg + trimmed mean"),
+    "ghn": ("ghn", False, GRAPH, "GHN (kNN)"),
+    "panacea": ("panacea", False, GRAPH, "Panacea (kNN)"),
+    "shn": ("shn", False, GRAPH, "SHN (kNN)"),
 }
 ATTACKS = ("none", "scale", "sign_flip", "random", "label_flip")
 FIELDS = ["method", "variant", "attack", "fraction", "malicious_clients", "honest_test_accuracy", "test_accuracy",
@@ -42,10 +51,11 @@ FIELDS = ["method", "variant", "attack", "fraction", "malicious_clients", "hones
 
 
 def overrides_for(variant: str, attack: str, args: argparse.Namespace) -> list[str]:
-    method, _, extra = METHODS[variant]
+    method, _, extra, _ = METHODS[variant]
     out = [f"method={method}", f"rounds={args.rounds}", f"eval_every={args.rounds}", f"local.steps={args.steps}",
            f"seed={args.seed}", f"task.model={args.model}"]
-    out += [e.format(clip_norm=args.clip_norm, trim_fraction=args.trim_fraction) for e in extra]
+    out += [e.format(clip_norm=args.clip_norm, trim_fraction=args.trim_fraction,
+                     stage1_cache=Path(args.out) / "_stage1") for e in extra]
     if attack != "none":
         out += [f"attack.kind={attack}", f"attack.fraction={args.fraction}"]
     return out
@@ -94,8 +104,8 @@ def write_markdown(rows: list[dict], path: Path, args: argparse.Namespace) -> No
         "noise instead of the update, "
         "label_flip = training on permuted labels. Measured by `experiments/robustness.py`.",
         "",
-        "| attack | pFedHN | pFedHN + clip | FedAvg (mean) | FedAvg + median | FedAvg + trimmed mean |",
-        "|---|---|---|---|---|---|",
+        "| attack | " + " | ".join(m[3] for m in METHODS.values()) + " |",
+        "|---" * (len(METHODS) + 1) + "|",
     ]
     for attack in ATTACKS:
         vals = [cell.get((v, attack)) for v in METHODS]
@@ -119,11 +129,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--trim-fraction", type=float, default=0.2)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--fresh", action="store_true", help="ignore rows already in the CSV")
+    p.add_argument("--methods", nargs="+", choices=list(METHODS), default=list(METHODS))
+    p.add_argument("--attacks", nargs="+", choices=list(ATTACKS), default=list(ATTACKS))
     args = p.parse_args(argv)
 
-    import torch
-
-    torch.set_num_threads(2)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "robustness.csv"
@@ -131,8 +140,8 @@ def main(argv: list[str] | None = None) -> int:
         csv_path.unlink()
     key = lambda r: (r["variant"], r["attack"], str(r["rounds"]), str(r["local_steps"]), r["model"], str(r["seed"]))  # noqa: E731
     done = {key(r) for r in read_rows(csv_path)}
-    for attack in ATTACKS:
-        for variant in METHODS:
+    for attack in args.attacks:
+        for variant in args.methods:
             wanted = (variant, attack, str(args.rounds), str(args.steps), args.model, str(args.seed))
             if wanted in done:
                 continue
