@@ -1,7 +1,7 @@
 """Robustness grid: attack type × method → honest clients' mean test accuracy, with and without
 the robust option, on the digits quickstart (experiments/configs/quickstart.toml).
 
-    python experiments/robustness.py                # the whole grid (25 runs), resumable
+    python experiments/robustness.py                # the whole grid (40 runs), resumable
     python experiments/robustness.py --rounds 150 --steps 20 --model auto   # the quickstart itself
     python experiments/robustness.py --methods ghn panacea shn --attacks none label_flip   # a part
 
@@ -12,8 +12,8 @@ SHN on the kNN graph inferred from pFedHN's embeddings (three-stage pipeline).
 Attacks (``[attack]``): none, scale, sign_flip, random, label_flip, by ``--fraction`` of the
 clients (chosen from the run seed, the same clients for every method). The budget is reduced
 from the quickstart's 150 rounds × 20 local steps with its small CNN to 50 rounds × 10 steps
-with the MLP target (``task.model = "mlp"``, ~5× cheaper per round on CPU) so that the grid's 25
-runs take about 10 minutes on 2 idle CPU cores (≈ 13 CPU-minutes); the budget used is written
+with the MLP target (``task.model = "mlp"``, ~5× cheaper per round on CPU) so that the grid's 40
+runs take about 15 CPU-minutes; the budget used is written
 next to the table.
 
 Writes ``<out>/robustness.csv`` (one row per run, appended as runs finish, so an interrupted grid
