@@ -181,10 +181,16 @@ def pathological_partition(
     splits, num_clients, num_classes = _prepare(labels_train, labels_val, labels_test, num_clients, num_classes)
     _check_classes_per_client(classes_per_client, num_classes)
     class_sets = _balanced_class_sets(num_clients, int(classes_per_client), num_classes, rng)
+    return _label_skew_partition(splits, class_sets, None, num_classes, num_clients, rng)
+
+
+def _label_skew_partition(splits, class_sets, groups, num_classes: int, num_clients: int, rng) -> "Partition":
+    """Each class's samples shared among the clients holding it (U(0.4, 0.6) proportions),
+    the same shares in train, val and test."""
     shares = _holder_shares(class_sets, num_classes, rng)
     train, val, test = _apply(splits, shares, num_clients, rng)
     _require_nonempty_train(train, "too few training samples per class for this many clients (or a class has none)")
-    return Partition(train, val, test, [frozenset(s) for s in class_sets], None)
+    return Partition(train, val, test, [frozenset(s) for s in class_sets], groups)
 
 
 def clustered_partition(
@@ -221,10 +227,7 @@ def clustered_partition(
         group_sets = _balanced_class_sets(int(num_groups), cpc, num_classes, rng)
     groups = [i // per_group for i in range(num_clients)]
     class_sets = [group_sets[g] for g in groups]
-    shares = _holder_shares(class_sets, num_classes, rng)
-    train, val, test = _apply(splits, shares, num_clients, rng)
-    _require_nonempty_train(train, "too few training samples per class for this many clients (or a class has none)")
-    return Partition(train, val, test, [frozenset(s) for s in class_sets], groups)
+    return _label_skew_partition(splits, class_sets, groups, num_classes, num_clients, rng)
 
 
 def dirichlet_partition(

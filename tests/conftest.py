@@ -83,6 +83,8 @@ def state_hash(obj) -> str:
 
 @pytest.fixture(autouse=True)
 def _two_threads():
-    # CI has 2 cores; keep tests honest about that and deterministic.
+    # CI has 2 cores; keep tests (and benchmarks) honest about that and deterministic.
+    previous = torch.get_num_threads()
     torch.set_num_threads(2)
     yield
+    torch.set_num_threads(previous)

@@ -90,14 +90,6 @@ except ImportError:  # pragma: no cover - the forecasting models are optional
 _CACHE: dict[str, tuple] = {}
 
 
-@pytest.fixture(autouse=True)
-def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _sync() -> None:
     if DEVICE.type == "cuda":
         torch.cuda.synchronize(DEVICE)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import statistics
 
 import pytest
-import torch
 
 from .sheaf_report import DENSE_MAX_N, NSD_ANCHOR_MS, SHEAF_KINDS, SIZES, make_step, peak_rss, time_step, w1_graph
 
@@ -24,14 +23,6 @@ pytest.importorskip("pytest_benchmark")
 pytest.importorskip("scipy")
 
 ROUNDS = 10
-
-
-@pytest.fixture(autouse=True)
-def _two_threads():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(2)
-    yield
-    torch.set_num_threads(previous)
 
 
 @pytest.mark.parametrize("n", SIZES)
