@@ -68,8 +68,8 @@ class Run:
         return str(self.summary.get("primary_metric", "test_accuracy"))
 
     def metric(self, name: str) -> float | None:
-        if name == "wall_time_s":
-            v = self.summary.get("wall_time_s")
+        if name == "wall_time_s" or name.startswith("novel_"):  # top-level summary entries
+            v = self.summary.get(name)
         elif name == "encoder_dirichlet_energy":
             v = _energy(self.summary.get("encoder_dirichlet_energy"))
         else:
@@ -315,6 +315,9 @@ def detail_metrics(groups: Sequence[Group]) -> list[str]:
     cols = [primary] + others + [val]
     if any(r.metric("encoder_dirichlet_energy") is not None for g in groups for r in g.runs):
         cols.append("encoder_dirichlet_energy")
+    novel = ["novel_" + primary, "novel_init_" + primary]  # held-out clients (shn.novel)
+    if any(r.metric(novel[0]) is not None for g in groups for r in g.runs):
+        cols += novel
     return cols + ["wall_time_s"]
 
 

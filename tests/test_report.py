@@ -101,6 +101,18 @@ def test_forecasting_report_has_a_per_horizon_table(tmp_path):
     assert "test_mae_h3" not in md.split("Per forecast horizon")[0]  # not in the detail table
 
 
+def test_novel_client_metrics_get_their_columns(tmp_path):
+    for seed, (acc, novel) in enumerate(((0.5, 0.3), (0.7, 0.5))):
+        _fake_run(tmp_path / "a" / f"seed{seed}", "pfedhn", seed, acc)
+        path = tmp_path / "a" / f"seed{seed}" / "summary.json"
+        summary = json.loads(path.read_text())
+        path.write_text(json.dumps({**summary, "novel_test_accuracy": novel, "novel_init_test_accuracy": 0.1}))
+    md = build_report([tmp_path / "a"], tmp_path / "report").read_text()
+    header = next(line for line in md.splitlines() if line.startswith("| method | test_accuracy | test_loss"))
+    assert header.split(" | ")[-5:-3] == ["novel_test_accuracy", "novel_init_test_accuracy"]
+    assert "| 0.4000 ± 0.1414 | 0.1000 ± 0.0000 |" in md
+
+
 def test_spring_layout_is_finite_and_deterministic():
     adj = torch.zeros(6, 6)
     for i in range(6):
