@@ -321,17 +321,26 @@ def detail_metrics(groups: Sequence[Group]) -> list[str]:
     return cols + ["wall_time_s"]
 
 
-def detail_table(groups: Sequence[Group]) -> str:
-    cols = detail_metrics(groups)
+def _per_group_table(groups: Sequence[Group], cols: list[str], extra=None,
+                     extra_header: Sequence[str] = ()) -> str:
+    """One row per group: mean ± std of each column, the best mean per column in bold
+    (Dirichlet energy is descriptive, never bolded); ``extra(group)`` appends trailing cells."""
     rows, means = [], []
     for g in groups:
         stats = [g.stats(c) for c in cols]
         rows.append([g.method] + [cell(s, c) for s, c in zip(stats, cols)]
-                    + [str(len(g.runs)), ",".join(str(r.seed) for r in g.runs)])
+                    + (extra(g) if extra else []))
         means.append([s[0] if s else None for s in stats])
     directions: list[str | None] = [better(c) if c != "encoder_dirichlet_energy" else None for c in cols]
     _bold_best(rows, means, directions, cols)
-    return markdown_table(["method"] + cols + ["runs", "seeds"], rows)
+    return markdown_table(["method"] + cols + list(extra_header), rows)
+
+
+def detail_table(groups: Sequence[Group]) -> str:
+    return _per_group_table(
+        groups, detail_metrics(groups),
+        extra=lambda g: [str(len(g.runs)), ",".join(str(r.seed) for r in g.runs)],
+        extra_header=["runs", "seeds"])
 
 
 def horizon_table(groups: Sequence[Group]) -> str | None:
@@ -342,13 +351,7 @@ def horizon_table(groups: Sequence[Group]) -> str | None:
     if not found:
         return None
     cols = sorted(found, key=lambda k: (k.split("_")[1], int(k.rsplit("_h", 1)[1])))
-    rows, means = [], []
-    for g in groups:
-        stats = [g.stats(c) for c in cols]
-        rows.append([g.method] + [cell(st, c) for st, c in zip(stats, cols)])
-        means.append([st[0] if st else None for st in stats])
-    _bold_best(rows, means, [better(c) for c in cols], cols)
-    return markdown_table(["method"] + cols, rows)
+    return _per_group_table(groups, cols)
 
 
 # --------------------------------------------------------------------------------------------
