@@ -7,6 +7,9 @@
     shn report RUN_DIR... [--out DIR] tables and plots from recorded metrics
     shn flower simulate CONFIG [--supernodes N] [--set KEY=VALUE]...   the Flower engine (README: Running across machines with Flower)
 
+``shn --threads N <command>`` caps torch's CPU threads (several experiments side by side: N=1
+each; oversubscribed cores make torch several times slower).
+
 User errors (bad config, missing or malformed file) end in one line on stderr and exit code 2.
 """
 
@@ -86,6 +89,9 @@ def _cmd_report(args: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shn", description="Personalized FL with sheaf hypernetworks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
+    parser.add_argument("--threads", type=int, default=None, metavar="N",
+                        help="torch CPU threads (default: torch's, all cores); use 1 per process "
+                             "when running several experiments side by side")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run one experiment from a TOML config")
     _add_run_args(p)
@@ -136,6 +142,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         DataError = ValueError  # type: ignore[misc,assignment]
     from shn.federated.records import CheckpointError
 
+    if args.threads is not None and args.threads < 1:
+        print(f"shn: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
+        return 2
+    import torch
+
+    saved_threads = torch.get_num_threads()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, DataError, CheckpointError, UserError, FileNotFoundError) as e:
@@ -144,6 +158,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("shn: interrupted (resume with --resume)", file=sys.stderr)
         return 130
+    finally:
+        torch.set_num_threads(saved_threads)  # main() is also called in-process (tests)
 
 
 if __name__ == "__main__":  # pragma: no cover

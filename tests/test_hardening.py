@@ -329,3 +329,24 @@ def test_cli_config_file_errors_are_one_line_exit_2(content, expected, tmp_path,
     assert code == 2 and len(err.splitlines()) == 1 and expected in err, err
     if content is None:
         assert str(path) in err
+
+
+def test_cli_threads_must_be_positive(tmp_path, capsys):
+    cfg = _write_cfg(tmp_path / "cfg.toml", rounds=1)
+    code = main(["--threads", "0", "run", str(cfg), "--out", str(tmp_path / "run"), "--no-progress"])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and err == "shn: error: --threads must be >= 1, got 0", err
+    assert not (tmp_path / "run").exists()
+
+
+def test_cli_threads_applies_during_the_command_and_is_restored(tmp_path, monkeypatch):
+    import torch
+
+    import shn.cli as cli
+
+    seen = []
+    monkeypatch.setattr(cli, "_cmd_run", lambda args, pipeline=False: seen.append(torch.get_num_threads()) or 0)
+    before = torch.get_num_threads()
+    assert before != 1  # the autouse fixture runs tests with 2 threads
+    assert cli.main(["--threads", "1", "run", "unused.toml"]) == 0
+    assert seen == [1] and torch.get_num_threads() == before
