@@ -570,6 +570,10 @@ def _strip_label(label: str, key: str) -> str:
     return m.group(1) + (f" ({', '.join(parts)})" if parts else "")
 
 
+def _distinct(groups: Sequence[Group], x_of) -> int:
+    return len({x_of(r) for g in groups for r in g.runs} - {None})
+
+
 def plot_xy(groups: Sequence[Group], x_of, x_label: str, strip_key: str, path: Path, title: str,
             energy: bool = False, integer_x: bool = False, xlim: tuple[float, float] | None = None) -> bool:
     """Test primary metric (and optionally the Dirichlet energy) vs a per-run x, one series per
@@ -677,20 +681,22 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report") -> 
         for g in gs:
             r = g.runs[0]
             kind = str(r.config.get("graph.kind"))
-            if not _needs_graph(r.method) or kind in drawn:
+            rewire = r.config.get("graph.rewire_homophily")
+            name = f"graph_{slug}_{_slug(kind + ('' if rewire is None else '-h' + _fmt_value(rewire)))}.png"
+            if not _needs_graph(r.method) or name in drawn:
                 continue
-            name = f"graph_{slug}_{_slug(kind + ('-h' + _fmt_value(r.config['graph.rewire_homophily']) if r.config.get('graph.rewire_homophily') is not None else ''))}.png"
             if plot_graph(r, f"{s}: {g.method}, seed {r.seed}", out / name):
                 figures[s].append(name)
-                drawn.add(kind)
+                drawn.add(name)
         enc = [g for g in gs if _needs_graph(g.runs[0].method) or any(
             r.metric("encoder_dirichlet_energy") is not None for r in g.runs)]
-        if enc and plot_xy(enc, lambda r: r.config.get("encoder.layers"), "encoder layers", "encoder.layers",
+        # a study plot needs its x to vary: one depth or one graph is no curve
+        if _distinct(enc, lambda r: r.config.get("encoder.layers")) > 1 and plot_xy(enc, lambda r: r.config.get("encoder.layers"), "encoder layers", "encoder.layers",
                            out / f"depth_{slug}.png", f"{s}: depth study (test metric, Dirichlet energy)",
                            energy=True, integer_x=True):
             figures[s].append(f"depth_{slug}.png")
         het = [g for g in gs if any(_homophily(r) for r in g.runs)]
-        if het and plot_xy(het, lambda r: (_homophily(r) or (None, None))[1], "edge homophily of the graph used",
+        if _distinct(het, lambda r: (_homophily(r) or (None, None))[1]) > 1 and plot_xy(het, lambda r: (_homophily(r) or (None, None))[1], "edge homophily of the graph used",
                            "graph.rewire_homophily", out / f"heterophily_{slug}.png",
                            f"{s}: test metric vs edge homophily", xlim=(-0.05, 1.05)):
             figures[s].append(f"heterophily_{slug}.png")

@@ -23,15 +23,22 @@ TINY = tiny_digits_toml("pfedhn", rounds=3)
 
 def test_report_on_two_tiny_runs(tmp_path):
     cfg = tmp_path / "tiny.toml"
-    cfg.write_text(TINY)
+    cfg.write_text(TINY.replace('partition = "pathological"', 'partition = "clustered"\nnum_groups = 2'))
     runs = tmp_path / "runs"
     run(load_config(cfg), run_dir=runs / "pfedhn", progress=False)
     run(load_config(cfg, ['method="shn"', 'graph.kind="knn"', "graph.k=2", "graph.stage1_rounds=2"]),
         run_dir=runs / "shn", progress=False)
     out = tmp_path / "report"
     assert main(["report", str(runs), "--out", str(out)]) == 0
+    assert not (out / "depth_digits.png").exists()  # one depth, one graph: no study plots
+    assert not (out / "heterophily_digits.png").exists()
+    run(load_config(cfg, ['method="shn"', 'graph.kind="knn"', "graph.k=2", "graph.stage1_rounds=2",
+                          "encoder.layers=1", "graph.rewire_homophily=1.0"]),
+        run_dir=runs / "shn-rewired", progress=False)
+    assert main(["report", str(runs), "--out", str(out)]) == 0
 
-    pngs = ["curves_digits.png", "graph_digits_knn.png", "depth_digits.png", "heterophily_digits.png"]
+    pngs = ["curves_digits.png", "graph_digits_knn.png", "graph_digits_knn-h1.png", "depth_digits.png",
+            "heterophily_digits.png"]
     for name in pngs + ["report.md", "results.csv", "runs.csv"]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
     for name in pngs:
@@ -39,10 +46,11 @@ def test_report_on_two_tiny_runs(tmp_path):
     md = (out / "report.md").read_text()
     assert set(re.findall(r"\]\(([^)]+\.png)\)", md)) == set(pngs)  # every figure referenced exists
 
-    summaries = {m: json.loads((runs / m / "summary.json").read_text()) for m in ("pfedhn", "shn")}
+    summaries = {m: json.loads((runs / m / "summary.json").read_text()) for m in ("pfedhn", "shn", "shn-rewired")}
     rows = {r["method"]: r for r in csv.DictReader(open(out / "results.csv"))}
-    assert set(rows) == {"pfedhn", "shn (graph.kind=knn)"}
-    for method, label in (("pfedhn", "pfedhn"), ("shn", "shn (graph.kind=knn)")):
+    shn_label = "shn (encoder.layers=2, graph.kind=knn)"  # labels name what varies between runs
+    assert set(rows) == {"pfedhn", shn_label, "shn (encoder.layers=1, graph.kind=knn, graph.rewire_homophily=1)"}
+    for method, label in (("pfedhn", "pfedhn"), ("shn", shn_label)):
         metrics = summaries[method]["metrics"]
         for key in ("test_accuracy", "test_loss", "val_accuracy"):
             assert float(rows[label][f"{key}_mean"]) == metrics[key]  # exactly the recorded number
@@ -51,7 +59,7 @@ def test_report_on_two_tiny_runs(tmp_path):
     energy = summaries["shn"].get("encoder_dirichlet_energy")
     if energy is not None:  # recorded by SHN runs: the table and results.csv carry it
         last = energy[-1] if isinstance(energy, list) else energy
-        assert float(rows["shn (graph.kind=knn)"]["encoder_dirichlet_energy_mean"]) == pytest.approx(last)
+        assert float(rows[shn_label]["encoder_dirichlet_energy_mean"]) == pytest.approx(last)
 
 
 def _fake_run(root: Path, method: str, seed: int, acc: float, **config) -> None:
