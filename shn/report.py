@@ -570,6 +570,15 @@ def _strip_label(label: str, key: str) -> str:
     return m.group(1) + (f" ({', '.join(parts)})" if parts else "")
 
 
+def _layers(run: Run) -> Any:
+    return run.config.get("encoder.layers")
+
+
+def _homophily_value(run: Run) -> float | None:
+    found = _homophily(run)
+    return found[1] if found else None
+
+
 def _distinct(groups: Sequence[Group], x_of) -> int:
     return len({x_of(r) for g in groups for r in g.runs} - {None})
 
@@ -691,14 +700,14 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report") -> 
         enc = [g for g in gs if _needs_graph(g.runs[0].method) or any(
             r.metric("encoder_dirichlet_energy") is not None for r in g.runs)]
         # a study plot needs its x to vary: one depth or one graph is no curve
-        if _distinct(enc, lambda r: r.config.get("encoder.layers")) > 1 and plot_xy(enc, lambda r: r.config.get("encoder.layers"), "encoder layers", "encoder.layers",
-                           out / f"depth_{slug}.png", f"{s}: depth study (test metric, Dirichlet energy)",
-                           energy=True, integer_x=True):
+        if _distinct(enc, _layers) > 1 and plot_xy(
+                enc, _layers, "encoder layers", "encoder.layers", out / f"depth_{slug}.png",
+                f"{s}: depth study (test metric, Dirichlet energy)", energy=True, integer_x=True):
             figures[s].append(f"depth_{slug}.png")
         het = [g for g in gs if any(_homophily(r) for r in g.runs)]
-        if _distinct(het, lambda r: (_homophily(r) or (None, None))[1]) > 1 and plot_xy(het, lambda r: (_homophily(r) or (None, None))[1], "edge homophily of the graph used",
-                           "graph.rewire_homophily", out / f"heterophily_{slug}.png",
-                           f"{s}: test metric vs edge homophily", xlim=(-0.05, 1.05)):
+        if _distinct(het, _homophily_value) > 1 and plot_xy(
+                het, _homophily_value, "edge homophily of the graph used", "graph.rewire_homophily",
+                out / f"heterophily_{slug}.png", f"{s}: test metric vs edge homophily", xlim=(-0.05, 1.05)):
             figures[s].append(f"heterophily_{slug}.png")
 
     lines = ["# Results", "",
