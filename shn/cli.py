@@ -145,21 +145,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.threads is not None and args.threads < 1:
         print(f"shn: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
         return 2
-    import torch
+    from shn.runner import torch_threads
 
-    saved_threads = torch.get_num_threads()
-    if args.threads:
-        torch.set_num_threads(args.threads)
     try:
-        return int(args.func(args) or 0)
+        with torch_threads(args.threads):  # restored after: main() also runs in-process (tests)
+            return int(args.func(args) or 0)
     except (ConfigError, DataError, CheckpointError, UserError, FileNotFoundError) as e:
         print(f"shn: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("shn: interrupted (resume with --resume)", file=sys.stderr)
         return 130
-    finally:
-        torch.set_num_threads(saved_threads)  # main() is also called in-process (tests)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -3,12 +3,13 @@ engine from a ``RunConfig``, runs it, and writes the run directory."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
 import torch
 
@@ -76,6 +77,18 @@ def make_template(task: Task, seed: int, device: torch.device, client: int | Non
         except ValueError as e:  # e.g. task.model = "pfedhn_cnn" for 8x8 images
             raise ConfigError(f"task: {e}") from e
         return model.to(device)
+
+
+@contextlib.contextmanager
+def torch_threads(n: int | None) -> Iterator[None]:
+    """torch's CPU threads set to ``n`` for the block (None: left alone), then restored."""
+    saved = torch.get_num_threads()
+    if n:
+        torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(saved)
 
 
 def resolve_device(name: str) -> torch.device:

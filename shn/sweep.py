@@ -417,7 +417,7 @@ def sweep(config_path: str | Path, trials: int = 20, storage: str | None = None,
     """
     import optuna
 
-    from shn.runner import make_task, primary_metric
+    from shn.runner import make_task, primary_metric, torch_threads
 
     if not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"--trials: must be ≥ 1, got {trials!r}")
@@ -478,20 +478,14 @@ def sweep(config_path: str | Path, trials: int = 20, storage: str | None = None,
             pickle.dump(spec, f)
         procs = [subprocess.Popen([sys.executable, "-m", "shn.sweep", "--worker", str(spec_path), str(i)])
                  for i in range(1, workers)]
-    import torch
-
-    saved_threads = torch.get_num_threads()
     try:
-        if threads:
-            torch.set_num_threads(threads)
-        _work(spec, 0, Objective(base_data, space, out, task=task, task_config=base))
+        with torch_threads(threads):
+            _work(spec, 0, Objective(base_data, space, out, task=task, task_config=base))
     except BaseException:
         for p in procs:
             with contextlib.suppress(Exception):
                 p.wait(timeout=600)
         raise
-    finally:
-        torch.set_num_threads(saved_threads)
     codes = [p.wait() for p in procs]
     if any(codes):
         raise RuntimeError(f"sweep worker(s) exited with {codes}; see their output above")

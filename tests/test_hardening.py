@@ -339,7 +339,7 @@ def test_cli_threads_must_be_positive(tmp_path, capsys):
     assert not (tmp_path / "run").exists()
 
 
-def test_cli_threads_applies_during_the_command_and_is_restored(tmp_path, monkeypatch):
+def test_cli_threads_applies_during_the_command_and_is_restored(monkeypatch):
     import torch
 
     import shn.cli as cli
