@@ -29,7 +29,7 @@ def with_attentive_aggregation(ctx: MethodContext, hn, opts: SHNOptions):
     if opts.key_layers:
         ctx.spec.subset(opts.key_layers)  # unknown names → clear error
         with seeded_init(ctx.seed, "attentive-aggregation"):
-            hn.aggregator = AttentiveKeyLayerMixer(hn.encoder.out_dim, opts.key_layers, opts.attention_dim,
+            hn.aggregator = AttentiveKeyLayerMixer(hn.rep_dim, opts.key_layers, opts.attention_dim,
                                                    opts.temperature, opts.mix, opts.learn_mix).to(ctx.device)
     return hn
 

@@ -54,11 +54,15 @@ class ServerConfig:
     nesterov: bool = False
     weight_decay: float = 1e-3
     embed_lr: float | None = None  # client embeddings' own lr; None = lr
+    embed_weight_decay: float = 0.0  # pFedHN: no weight decay on the client embeddings
+    # hypernetwork methods: "sum" of the clients' VJPs (pFedHN's per-client step semantics) or
+    # "mean" (divided by the round's client count: the pre-fix behaviour, for old results)
+    delta_reduction: Literal["sum", "mean"] = "sum"
     grad_clip: float = 50.0  # 0 disables
     betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
-        _non_negative(self, "lr", "momentum", "weight_decay", "grad_clip")
+        _non_negative(self, "lr", "momentum", "weight_decay", "embed_weight_decay", "grad_clip")
         if self.nesterov and self.momentum <= 0:
             raise ConfigError("server.nesterov = true needs server.momentum > 0")
 
@@ -71,6 +75,9 @@ class HyperNetworkConfig:
     hidden: int = 100
     n_hidden: int = 3
     spectral_norm: bool = False
+    # graph methods: the trunk reads the encoder output ("replace", the SHN paper) or the
+    # embedding plus a zero-initialised projection of it ("residual": starts as pFedHN)
+    graph_branch: Literal["replace", "residual"] = "replace"
 
     def __post_init__(self) -> None:
         _positive(self, "hidden")
@@ -117,6 +124,9 @@ class GraphConfig:
     # a folder where stage-1 results are cached by a hash of everything stage 1 depends on, so
     # graph methods with the same seed and budget train pFedHN once (None: no caching)
     stage1_cache: str | None = None
+    # stage 3 starts from the stage-1 "embeddings" only (fresh trunk and heads), or from the
+    # "full" stage-1 hypernetwork (needs hypernetwork.graph_branch = "residual")
+    stage3_init: Literal["embeddings", "full"] = "embeddings"
     # heterophily studies: rewire the graph toward this edge homophily (w.r.t. the task's client
     # label sets, else groups) before training, keeping the edge count; None = no rewiring
     rewire_homophily: float | None = None

@@ -1,15 +1,23 @@
 """The hypernetwork: client embeddings → encoder (identity | GCN | sheaf diffusion) → MLP trunk
 → one linear head per target tensor (pFedHN's CNNHyper pattern, heads derived from the target's
 ``named_parameters()``, never written by hand).
+
+Paired initialisation: with ``init_seed`` every component draws from its own seeded stream
+(embeddings, each trunk layer, each head), so methods that differ only in the encoder start from
+the same embeddings, trunk and heads (all but the first trunk layer when the encoder changes the
+width; all of them with ``graph_branch = "residual"``).
 """
 
 from __future__ import annotations
 
 from typing import Sequence
 
+import contextlib
+
 import torch
 from torch import Tensor, nn
 
+from shn.seeding import seeded_init
 from shn.target import Params, ParamSpec
 
 
@@ -61,6 +69,12 @@ class HyperNetwork(nn.Module):
         hidden: trunk width H; ``n_hidden``: number of extra ReLU→Linear(H, H) blocks.
         aggregator: optional stage after the heads that mixes clients' generated layers over the
             graph (``shn.aggregation.AttentiveKeyLayerMixer``).
+        graph_branch: ``"replace"`` (the trunk reads the encoder output, as in the SHN paper) or
+            ``"residual"`` (the trunk reads ``e + P·encoder(e)`` with ``P`` a linear map back to the
+            embedding width initialised at zero: the model starts as pFedHN and can continue from a
+            trained pFedHN's parameters).
+        init_seed: draw each component from its own stream of this seed (paired comparisons);
+            None keeps the caller's RNG.
     """
 
     def __init__(
@@ -73,24 +87,45 @@ class HyperNetwork(nn.Module):
         n_hidden: int = 3,
         spectral_norm: bool = False,
         aggregator: nn.Module | None = None,
+        graph_branch: str = "replace",
+        init_seed: int | None = None,
     ) -> None:
         super().__init__()
         if num_clients < 1:
             raise ValueError(f"num_clients must be ≥ 1, got {num_clients}")
+        if graph_branch not in ("replace", "residual"):
+            raise ValueError(f"graph_branch must be 'replace' or 'residual', got {graph_branch!r}")
+        stream = (lambda *k: seeded_init(init_seed, *k)) if init_seed is not None else (lambda *k: contextlib.nullcontext())
         self.spec = spec
         self.num_clients = num_clients
         self.embed_dim = embed_dim or default_embed_dim(num_clients)
-        self.embeddings = nn.Embedding(num_clients, self.embed_dim)
+        with stream("hn-embeddings"):
+            self.embeddings = nn.Embedding(num_clients, self.embed_dim)
         self.encoder = encoder if encoder is not None else IdentityEncoder(self.embed_dim)
+        # the residual branch only exists for a real (non-identity) encoder
+        self.graph_branch = graph_branch if not isinstance(self.encoder, IdentityEncoder) else "replace"
+        self.branch_out: nn.Linear | None = None
+        trunk_in = self.encoder.out_dim
+        if self.graph_branch == "residual":
+            self.branch_out = nn.Linear(self.encoder.out_dim, self.embed_dim)
+            nn.init.zeros_(self.branch_out.weight)
+            nn.init.zeros_(self.branch_out.bias)
+            trunk_in = self.embed_dim
         sn = nn.utils.parametrizations.spectral_norm if spectral_norm else (lambda m: m)
-        layers: list[nn.Module] = [sn(nn.Linear(self.encoder.out_dim, hidden))]
-        for _ in range(n_hidden):
-            layers += [nn.ReLU(), sn(nn.Linear(hidden, hidden))]
+        widths = [trunk_in] + [hidden] * (n_hidden + 1)
+        layers: list[nn.Module] = []
+        for k, (a, b) in enumerate(zip(widths[:-1], widths[1:])):
+            if k:
+                layers.append(nn.ReLU())
+            with stream("hn-trunk", k):
+                layers.append(sn(nn.Linear(a, b)))
         self.trunk = nn.Sequential(*layers)
         # ModuleDict keys cannot contain dots.
-        self.heads = nn.ModuleDict(
-            {_key(n): nn.Linear(hidden, numel) for n, numel in zip(spec.names, spec.numels)}
-        )
+        heads = {}
+        for n, numel in zip(spec.names, spec.numels):
+            with stream("hn-head", n):
+                heads[_key(n)] = nn.Linear(hidden, numel)
+        self.heads = nn.ModuleDict(heads)
         self.aggregator = aggregator
 
     def representations(self, graph=None, embeddings: Tensor | None = None) -> Tensor:
@@ -98,13 +133,21 @@ class HyperNetwork(nn.Module):
         replaces the trained table (a novel client's embedding being fitted)."""
         if self.encoder.needs_graph and graph is None:
             raise ValueError(f"{type(self.encoder).__name__} needs a client graph, got None")
-        z = self.encoder(self.embeddings.weight if embeddings is None else embeddings, graph)
+        e = self.embeddings.weight if embeddings is None else embeddings
+        z = self.encoder(e, graph)
         if z.dim() != 2 or z.shape != (self.num_clients, self.encoder.out_dim):
             raise ValueError(
                 f"{type(self.encoder).__name__} returned shape {tuple(z.shape)}, the heads expect "
                 f"({self.num_clients}, {self.encoder.out_dim}) = (num_clients, encoder.out_dim)"
             )
+        if self.branch_out is not None:
+            z = e + self.branch_out(z)
         return z
+
+    @property
+    def rep_dim(self) -> int:
+        """Width of :meth:`representations` (what the trunk reads)."""
+        return self.embed_dim if self.branch_out is not None else self.encoder.out_dim
 
     def forward(self, clients: Tensor | Sequence[int], graph=None, embeddings: Tensor | None = None) -> Params:
         """``{name: [C, *shape]}`` for the C requested clients, in one forward pass. Only the
@@ -128,6 +171,22 @@ class HyperNetwork(nn.Module):
 
     def other_parameters(self) -> list[nn.Parameter]:
         return [p for n, p in self.named_parameters() if not n.startswith("embeddings.")]
+
+
+def initial_embeddings(seed: int, num_clients: int, embed_dim: int) -> Tensor:
+    """The embedding table a hypernetwork built with ``init_seed=seed`` starts from."""
+    with seeded_init(seed, "hn-embeddings"):
+        return nn.Embedding(num_clients, embed_dim).weight.detach()
+
+
+def embedding_drift(initial: Tensor, final: Tensor) -> dict[str, float]:
+    """How far trained embeddings moved from their initialisation. ``off_scale_change`` ignores
+    a global rescaling (what weight decay alone does): ``‖E − αE₀‖ / ‖E₀‖`` with the best ``α``."""
+    e0, e = initial.detach().double().cpu(), final.detach().double().cpu()
+    norm0 = float(e0.norm()) or 1.0
+    alpha = float((e * e0).sum() / (e0 * e0).sum().clamp_min(1e-300))
+    return {"relative_change": float((e - e0).norm()) / norm0, "off_scale_change": float((e - alpha * e0).norm()) / norm0,
+            "scale": alpha}
 
 
 def _key(name: str) -> str:

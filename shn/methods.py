@@ -13,7 +13,7 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from shn.config import RunConfig
+from shn.config import ConfigError, RunConfig
 from shn.diagnostics import record_encoder_energy
 from shn.encoders import LearnedGraphEncoder
 from shn.federated.algorithm import HyperNetworkAlgorithm, Regularizer
@@ -36,6 +36,8 @@ class MethodContext:
     graph: Any = None
     # stage-1 embeddings to warm-start from (three-stage pipeline), [N, e]
     warm_embeddings: torch.Tensor | None = None
+    # the whole stage-1 hypernetwork's state (graph.stage3_init = "full"): embeddings, trunk, heads
+    warm_hypernetwork: dict[str, torch.Tensor] | None = None
     # clients excluded from training (novel-client evaluation)
     held_out: tuple[int, ...] = ()
     # per-client architectures when the task's clients differ (e.g. input sizes); None otherwise
@@ -92,28 +94,54 @@ def register_encoder(name: str, *, replace: bool = False) -> Callable:
 
 def build_hypernetwork(ctx: MethodContext, encoder: str) -> HyperNetwork:
     """The shared hypernetwork of every HN method; methods differ only in ``encoder`` (unless
-    ``encoder.kind`` in the config names another registered encoder). Initialised from the
-    run seed; embeddings warm-started from stage 1 when the pipeline provides them."""
+    ``encoder.kind`` in the config names another registered encoder).
+
+    Paired initialisation: the encoder draws from its own stream of the run seed and the
+    embeddings, trunk layers and heads each from theirs, so pFedHN, GHN, Panacea and SHN of one
+    seed start from the same embeddings, heads and trunk (all but its first layer, whose width
+    is the encoder's, unless ``hypernetwork.graph_branch = "residual"``). The three-stage
+    pipeline warm-starts the embeddings from stage 1, or with ``graph.stage3_init = "full"`` the
+    whole stage-1 hypernetwork (the graph branch then starts at zero: SHN starts at pFedHN's
+    solution)."""
     cfg = ctx.config
     name = cfg.encoder.kind or encoder
     n = ctx.task.num_clients
     embed_dim = cfg.hypernetwork.embed_dim
     if ctx.warm_embeddings is not None:
         embed_dim = int(ctx.warm_embeddings.shape[1])
-    with seeded_init(cfg.seed, "hypernetwork"):
-        e = embed_dim or default_embed_dim(n)
+    e = embed_dim or default_embed_dim(n)
+    with seeded_init(cfg.seed, "hn-encoder"):
         enc = ENCODERS.get(name).factory(e, cfg.encoder)
         if not isinstance(enc, Encoder):
             raise TypeError(f"encoder {name!r} returned {type(enc).__name__}, expected a shn.hypernetwork.Encoder")
         if cfg.graph.kind == "learned" and enc.needs_graph:
             # edge weights over the candidate graph, computed from the embeddings, trained too
             enc = LearnedGraphEncoder(enc, LearnedGraph(ctx.graph, e))
-        hn = HyperNetwork(ctx.spec, n, e, enc, cfg.hypernetwork.hidden, cfg.hypernetwork.n_hidden,
-                          cfg.hypernetwork.spectral_norm)
-    if ctx.warm_embeddings is not None:
+    hn = HyperNetwork(ctx.spec, n, e, enc, cfg.hypernetwork.hidden, cfg.hypernetwork.n_hidden,
+                      cfg.hypernetwork.spectral_norm, graph_branch=cfg.hypernetwork.graph_branch,
+                      init_seed=cfg.seed)
+    if ctx.warm_hypernetwork is not None:
+        load_shared_parameters(hn, ctx.warm_hypernetwork)
+    elif ctx.warm_embeddings is not None:
         with torch.no_grad():
             hn.embeddings.weight.copy_(ctx.warm_embeddings)
     return hn.to(ctx.device)
+
+
+def load_shared_parameters(hn: HyperNetwork, state: dict[str, torch.Tensor]) -> None:
+    """Copy a trained pFedHN's embeddings, trunk and heads into ``hn`` (every one must match in
+    shape: use ``hypernetwork.graph_branch = "residual"`` so the trunk reads the embedding width)."""
+    own = hn.state_dict()
+    shared = [k for k in state if k.startswith(("embeddings.", "trunk.", "heads."))]
+    bad = [k for k in shared if k not in own or own[k].shape != state[k].shape]
+    if bad:
+        raise ConfigError(
+            f"graph.stage3_init: cannot continue from the stage-1 hypernetwork: {bad[:3]} differ in shape; set "
+            f'hypernetwork.graph_branch = "residual" (or graph.stage3_init = "embeddings")'
+        )
+    with torch.no_grad():
+        for k in shared:
+            own[k].copy_(state[k].to(own[k].device))
 
 
 def hypernetwork_algorithm(ctx: MethodContext, hn: HyperNetwork, *, graph: Any = None,

@@ -20,6 +20,7 @@ import torch
 
 from shn.config import ConfigError, RunConfig
 from shn.federated.records import atomic_write_text
+from shn.hypernetwork import embedding_drift, initial_embeddings
 from shn.graph import ClientGraph, build_graph, complete_graph, given_graph, graph_summary, knn_graph
 from tasks.base import Task, client_attribute
 
@@ -160,19 +161,34 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
     stage1_cfg = stage1_config(config)
     stage1_rounds = stage1_cfg.rounds
     cached = _stage1_cache_dir(config, stage1_cfg, held_out)
-    if cached is not None and (cached / "embeddings.pt").is_file() and (cached / "summary.json").is_file():
+    full = config.graph.stage3_init == "full"
+    needed = ["embeddings.pt", "summary.json"] + (["hypernetwork.pt"] if full else [])
+    hn_state = None
+    if cached is not None and all((cached / f).is_file() for f in needed):
         # graph methods sharing a seed and budget share stage 1 (e.g. GHN, Panacea, SHN in a suite)
-        embeddings = torch.load(cached / "embeddings.pt", map_location=config.device)
-        stage1_metrics = json.loads((cached / "summary.json").read_text())["metrics"]
+        embeddings = torch.load(cached / "embeddings.pt", map_location=config.device, weights_only=True)
+        stage1_summary = json.loads((cached / "summary.json").read_text())
+        if full:
+            hn_state = torch.load(cached / "hypernetwork.pt", map_location=config.device, weights_only=True)
         log.info("stage 1 reused from %s", cached)
     else:
         stage1_built = build(stage1_cfg, task=task, held_out=held_out)
         stage1_built.context.extras["after_training"] = []  # stage 1 only supplies embeddings (no novel-client fit)
         stage1 = execute(stage1_built, run_dir=cached or sub("stage1_pfedhn"), resume=resume, progress=progress)
         embeddings = stage1.algorithm.hn.embeddings.weight.detach().clone()
-        stage1_metrics = stage1.summary["metrics"]
+        hn_state = {k: v.detach().clone() for k, v in stage1.algorithm.hn.state_dict().items()}
+        stage1_summary = stage1.summary
         if cached is not None:
             torch.save(embeddings.cpu(), cached / "embeddings.pt")
+            torch.save({k: v.cpu() for k, v in hn_state.items()}, cached / "hypernetwork.pt")
+    stage1_metrics = stage1_summary["metrics"]
+    stage1_updates = int(stage1_summary.get("budget", {}).get("client_updates",
+                                                               stage1_rounds * stage1_cfg.clients_per_round))
+    drift = embedding_drift(initial_embeddings(config.seed, task.num_clients, int(embeddings.shape[1])), embeddings)
+    if drift["off_scale_change"] < 1e-3:
+        log.warning("stage-1 embeddings moved no more than a rescaling (off-scale change %.2g): the inferred "
+                    "graph is a graph of their random initialisation; train stage 1 longer or with a larger "
+                    "server.embed_lr", drift["off_scale_change"])
 
     # Stage 2: the client-relation graph from the learned embeddings.
     graph = infer_graph(config, task, embeddings, pool)
@@ -185,7 +201,8 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
         atomic_write_text(root / "stage2_graph" / "clients.json", json.dumps(client_info(task)) + "\n")
 
     # Stage 3: the graph method, embeddings warm-started from stage 1.
-    built = build(config, task=task, graph=graph, warm_embeddings=embeddings, held_out=held_out)
+    built = build(config, task=task, graph=graph, warm_embeddings=embeddings, held_out=held_out,
+                  warm_hypernetwork=hn_state if full else None)
     stage3_dir = sub(f"stage3_{config.method}")
     if stage3_dir is not None:
         stage3_dir.mkdir(parents=True, exist_ok=True)
@@ -194,7 +211,11 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
     result.summary["graph"] = diagnostics
     result.summary["stage1_metrics"] = stage1_metrics
     result.summary["pipeline"] = {"stage1_rounds": stage1_rounds, "graph_kind": config.graph.kind,
-                                  "k": config.graph.k}
+                                  "k": config.graph.k, "stage3_init": config.graph.stage3_init}
+    result.summary["stage1_embedding_drift"] = drift
+    stage3_updates = int(result.summary.get("budget", {}).get("client_updates", 0))
+    result.summary["budget"] = {"client_updates": stage1_updates + stage3_updates,
+                                "stage1_client_updates": stage1_updates, "stage3_client_updates": stage3_updates}
     if root is not None:
         atomic_write_text(root / "summary.json", json.dumps(result.summary, indent=2, sort_keys=True) + "\n")
         if stage3_dir is not None:
@@ -223,6 +244,8 @@ def publish_stage1(config: RunConfig, held_out: Sequence[int]):
         if not (cached / "embeddings.pt").is_file():
             atomic_write_text(cached / "summary.json", json.dumps(result.summary, indent=2, sort_keys=True) + "\n")
             torch.save(result.algorithm.hn.embeddings.weight.detach().cpu().clone(), cached / "embeddings.pt")
+            torch.save({k: v.detach().cpu().clone() for k, v in result.algorithm.hn.state_dict().items()},
+                       cached / "hypernetwork.pt")
         return {}
 
     return publish

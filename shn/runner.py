@@ -131,7 +131,7 @@ def _personal_per_client(algorithm: Algorithm, templates: dict[int, torch.nn.Mod
 
 def build(config: RunConfig, *, task: Task | None = None, graph: Any = None,
           warm_embeddings: torch.Tensor | None = None, held_out: Sequence[int] = (),
-          store_clients: Sequence[int] | None = None) -> Built:
+          store_clients: Sequence[int] | None = None, warm_hypernetwork: dict[str, torch.Tensor] | None = None) -> Built:
     """Build task, method and client runtime for ``config`` (no training yet)."""
     device = resolve_device(config.device)
     task = task if task is not None else make_task(config)
@@ -143,7 +143,7 @@ def build(config: RunConfig, *, task: Task | None = None, graph: Any = None,
     templates = client_templates(task, config.seed, device)
     template = make_template(task, config.seed, device) if templates is None else templates[0]
     ctx = MethodContext(config, task, template, device, graph=graph, warm_embeddings=warm_embeddings,
-                        held_out=tuple(held_out), client_templates=templates)
+                        held_out=tuple(held_out), client_templates=templates, warm_hypernetwork=warm_hypernetwork)
     entry = METHODS.get(config.method)
     if entry.meta.get("needs_graph") and ctx.graph is None:
         from shn.pipeline import resolve_graph
@@ -256,7 +256,7 @@ def make_summary(config: RunConfig, task: Task, history: list[dict[str, Any]], p
     key = f"val_{name}"
     scored = [h for h in history if key in h and math.isfinite(h[key])]
     best = (max if mode == "max" else min)(scored, key=lambda h: h[key]) if scored else last
-    strip = lambda rec: {k: v for k, v in rec.items() if k not in ("round", "elapsed_s")}  # noqa: E731
+    strip = lambda rec: {k: v for k, v in rec.items() if k not in ("round", "elapsed_s", "client_updates")}  # noqa: E731
     return {
         "method": config.method,
         "task": task.name,
@@ -267,6 +267,7 @@ def make_summary(config: RunConfig, task: Task, history: list[dict[str, Any]], p
         "metrics": strip(last),
         "best_val": {"round": best.get("round"), "metrics": strip(best)},
         "per_client": {str(c): {k: v for k, v in row.items() if k.startswith("test_")} for c, row in sorted(per_client.items())},
+        "budget": {"client_updates": int(last.get("client_updates", 0))},
         "rejected_updates": rejected,
         "failed_clients": failed,
         "wall_time_s": round(wall_time, 3),

@@ -38,11 +38,15 @@ def snapshot(module: nn.Module) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in module.named_parameters()}
 
 
-def reference_step(hn: HyperNetwork, clients, theta_tilde, lr: float, embed_lr: float | None = None):
-    """φ − lr·∇φ [½‖θ(φ) − stopgrad(θ̃)‖² / C], by plain autograd on a copy of ``hn``."""
+def reference_step(hn: HyperNetwork, clients, theta_tilde, lr: float, embed_lr: float | None = None,
+                   reduction: str = "sum"):
+    """φ − lr·∇φ [½‖θ(φ) − stopgrad(θ̃)‖²] (summed over clients; ``/ C`` with ``reduction="mean"``),
+    by plain autograd on a copy of ``hn``."""
     ref = copy.deepcopy(hn)
     theta = ref(clients)
-    loss = sum(0.5 * (theta[k] - theta_tilde[k].detach()).pow(2).sum() for k in theta) / len(clients)
+    loss = sum(0.5 * (theta[k] - theta_tilde[k].detach()).pow(2).sum() for k in theta)
+    if reduction == "mean":
+        loss = loss / len(clients)
     names = [n for n, _ in ref.named_parameters()]
     grads = torch.autograd.grad(loss, [p for _, p in ref.named_parameters()], allow_unused=True)
     out = {}
@@ -54,16 +58,17 @@ def reference_step(hn: HyperNetwork, clients, theta_tilde, lr: float, embed_lr: 
 
 # -- the pFedHN update --------------------------------------------------------------------------
 
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 @pytest.mark.parametrize("clients", [[3], [0, 2, 5], [6, 1, 4, 2, 0]])
-def test_batched_vjp_step_equals_autograd_of_half_squared_distance(dtype, clients):
+def test_batched_vjp_step_equals_autograd_of_half_squared_distance(dtype, clients, reduction):
     lr = 0.1
     hn = make_hn(dtype=dtype)
-    alg = HyperNetworkAlgorithm(hn, ServerConfig(lr=lr, **PLAIN_SGD))
+    alg = HyperNetworkAlgorithm(hn, ServerConfig(lr=lr, delta_reduction=reduction, **PLAIN_SGD))
     theta = alg.weights_for(clients)
     deltas = random_deltas(theta)
     theta_tilde = {k: theta[k] - deltas[k] for k in theta}  # θ̃ = θ − Δ
-    expected, _ = reference_step(hn, clients, theta_tilde, lr)
+    expected, _ = reference_step(hn, clients, theta_tilde, lr, reduction=reduction)
     metrics = alg.apply_updates(clients, deltas, torch.tensor([10] * len(clients)))
     got = snapshot(hn)
     assert set(got) == set(expected)
@@ -73,25 +78,57 @@ def test_batched_vjp_step_equals_autograd_of_half_squared_distance(dtype, client
     assert alg.steps == 1
 
 
-def test_update_is_one_batched_backward_not_per_client_sum():
-    """The C-client step equals the mean of the C single-client gradients (the /C scaling)."""
+@pytest.mark.parametrize("reduction", ["sum", "mean"])
+def test_update_is_one_batched_backward_over_single_client_steps(reduction):
+    """The C-client step is the sum (pFedHN: one full step per client) of the C single-client
+    steps, or their mean with the legacy ``delta_reduction = "mean"``."""
     clients = [0, 3, 5]
     lr = 0.05
     hn = make_hn(dtype=torch.float64)
     before = snapshot(hn)
-    alg = HyperNetworkAlgorithm(hn, ServerConfig(lr=lr, **PLAIN_SGD))
+    cfg = ServerConfig(lr=lr, delta_reduction=reduction, **PLAIN_SGD)
+    alg = HyperNetworkAlgorithm(hn, cfg)
     deltas = random_deltas(alg.weights_for(clients))
     single_steps = []
     for i, c in enumerate(clients):
         h = make_hn(dtype=torch.float64)
-        a = HyperNetworkAlgorithm(h, ServerConfig(lr=lr, **PLAIN_SGD))
+        a = HyperNetworkAlgorithm(h, cfg)
         a.apply_updates([c], {k: v[i:i + 1] for k, v in deltas.items()}, torch.tensor([1]))
         single_steps.append({n: snapshot(h)[n] - before[n] for n in before})
     alg.apply_updates(clients, deltas, torch.tensor([1, 1, 1]))
     after = snapshot(hn)
     for n in before:
-        mean_step = sum(s[n] for s in single_steps) / len(clients)
-        torch.testing.assert_close(after[n] - before[n], mean_step, rtol=0, atol=1e-10)
+        expected = sum(s[n] for s in single_steps) / (len(clients) if reduction == "mean" else 1)
+        torch.testing.assert_close(after[n] - before[n], expected, rtol=0, atol=1e-10)
+
+
+def test_batched_step_equals_sequential_pfedhn_steps_to_first_order():
+    """pFedHN: C sequential one-client steps (each client trained on the θ it was sent before
+    the round) ≈ our one C-client step, with an error that is O(lr²): halving lr quarters it.
+    Each client's embedding moves as far as in pFedHN, not C× less."""
+    clients = [0, 3, 5, 6]
+
+    def gap(lr: float) -> tuple[float, float]:
+        hn = make_hn(dtype=torch.float64)
+        cfg = ServerConfig(lr=lr, **PLAIN_SGD)
+        batched = HyperNetworkAlgorithm(hn, cfg)
+        theta = batched.weights_for(clients)
+        deltas = random_deltas(theta, scale=1.0)
+        seq_hn = make_hn(dtype=torch.float64)
+        seq = HyperNetworkAlgorithm(seq_hn, cfg)
+        for i, c in enumerate(clients):
+            seq.apply_updates([c], {k: v[i:i + 1] for k, v in deltas.items()}, torch.tensor([1]))
+        batched.apply_updates(clients, deltas, torch.tensor([1] * len(clients)))
+        start = make_hn(dtype=torch.float64).embeddings.weight.detach()
+        moved = float((hn.embeddings.weight.detach() - start).norm())
+        err = max(float((p - q).detach().abs().max()) for p, q in zip(hn.parameters(), seq_hn.parameters()))
+        return err, moved
+
+    err1, moved1 = gap(1e-3)
+    err2, moved2 = gap(5e-4)
+    assert moved1 > 0 and abs(moved1 / moved2 - 2.0) < 1e-6  # the step is linear in lr
+    assert err1 < 0.05 * moved1  # first-order agreement
+    assert 3.0 < err1 / err2 < 5.0  # the difference is second order
 
 
 def test_descent_moves_generated_weights_toward_trained_weights():

@@ -79,21 +79,38 @@ def test_decoupled_runs_on_the_default_cnn():
 
 # -- GHN and Panacea -----------------------------------------------------------------------------
 
-def test_ghn_with_zero_layers_is_pfedhn(task):
-    ghn = run(config("ghn", "encoder.layers=0", "rounds=3"), task=task, progress=False)
+def test_gcn_stack_ghn_with_zero_layers_is_pfedhn(task):
+    stack = 'encoder.kind="gcn_stack"'
+    ghn = run(config("ghn", stack, "encoder.layers=0", "rounds=3"), task=task, progress=False)
     pfedhn = run(config("pfedhn", "rounds=3"), task=task, progress=False)
     assert same_weights(ghn.algorithm, pfedhn.algorithm)
     assert [h["test_loss"] for h in ghn.history] == [h["test_loss"] for h in pfedhn.history]
     assert ghn.per_client == pfedhn.per_client
     # and before training too
-    fresh = [build(config(m, "encoder.layers=0"), task=task).algorithm for m in ("ghn", "pfedhn")]
+    fresh = [build(config("ghn", stack, "encoder.layers=0"), task=task).algorithm,
+             build(config("pfedhn"), task=task).algorithm]
     assert same_weights(*fresh)
 
 
-def test_ghn_encoder_is_a_gcn_and_records_its_energy(task):
+@pytest.mark.parametrize("method", ["ghn", "shn", "panacea"])
+def test_residual_graph_branch_starts_at_pfedhn(task, method):
+    """Paired initialisation: with the residual branch every graph method of a seed generates
+    exactly pFedHN's weights before training (the branch starts at zero)."""
+    algs = [build(config(m, 'hypernetwork.graph_branch="residual"'), task=task).algorithm for m in (method, "pfedhn")]
+    clients = list(range(task.num_clients))
+    a, b = (alg.weights_for(clients) for alg in algs)
+    for k in b:
+        torch.testing.assert_close(a[k], b[k], rtol=0, atol=0)
+
+
+def test_ghn_encoder_is_shn_with_the_gcn_laplacian_and_records_its_energy(task):
     result = run(config("ghn", "encoder.layers=3"), task=task, progress=False)
-    convs = result.algorithm.hn.encoder.convs
-    assert len(convs) == 3 and type(convs[0]).__name__ == "GCNConv"
+    enc = result.algorithm.hn.encoder
+    assert type(enc).__name__ == "GCNDiffusionEncoder" and len(enc.layers) == 3
+    shn = build(config("shn", "encoder.layers=3"), task=task).algorithm.hn.encoder.diffusion
+    # the same projection, residual layers and weights as SHN: only the operator differs
+    assert [type(m).__name__ for m in enc.layers] == [type(m).__name__ for m in shn.layers]
+    assert enc.lin_in.weight.shape == shn.lin_in.weight.shape
     energy = result.summary["encoder_dirichlet_energy"]
     assert len(energy) == 4 and all(math.isfinite(e) and e >= 0 for e in energy)
     assert len(result.summary["encoder_rayleigh_quotient"]) == 4

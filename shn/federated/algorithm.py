@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from shn.config import ServerConfig
 from shn.hypernetwork import HyperNetwork
-from shn.seeding import torch_generator
+from shn.seeding import derive_seed, torch_generator
 from shn.target import Params, ParamSpec
 
 
@@ -79,10 +79,23 @@ Regularizer = Callable[[HyperNetwork, Any, torch.Generator], Tensor]
 class HyperNetworkAlgorithm(_PersonalMixin):
     """pFedHN's server: θ_i = H_φ(i); after local training, one vector–Jacobian product
 
-        g_φ = (∂θ/∂φ)ᵀ (θ − θ̃) / C
+        g_φ = Σ_i (∂θ_i/∂φ)ᵀ (θ_i − θ̃_i)
 
     for all C clients of the round in ONE backward pass, grad-norm clipping, optimiser step.
     A graph encoder makes each client's delta reach its neighbours' embeddings (SHN, GHN).
+
+    Why the sum (``server.delta_reduction = "sum"``, the default): pFedHN takes one server step
+    per client with gradient ``(∂θ_i/∂φ)ᵀ Δ_i``. C such steps of lr η equal, to first order in
+    η, one step of lr η along the sum. Dividing by C instead (``"mean"``, the behaviour before
+    this fix, kept to reproduce old results) moves each client's embedding — which only its own
+    delta reaches — C× less per round than pFedHN, while weight decay acts at full strength, so
+    the embeddings barely learn. Client embeddings get no weight decay by default
+    (``server.embed_weight_decay = 0``), as in pFedHN's code.
+
+    Dropout in the hypernetwork: the weights sent for training are generated in train mode with
+    a mask drawn from ``(seed, step)``, and ``apply_updates`` regenerates them with the same
+    mask, so the server differentiates exactly the θ it sent; evaluation uses eval mode
+    (:meth:`eval_weights`).
 
     Args:
         hn: the hypernetwork (already on its device).
@@ -106,23 +119,42 @@ class HyperNetworkAlgorithm(_PersonalMixin):
         embed_lr = config.embed_lr if config.embed_lr is not None else config.lr
         self.optimizer = make_optimizer(config, [
             {"params": hn.other_parameters()},
-            {"params": hn.embedding_parameters(), "lr": embed_lr},
+            {"params": hn.embedding_parameters(), "lr": embed_lr, "weight_decay": config.embed_weight_decay},
         ])
+        self.hn.eval()  # train mode only inside _generate(train=True), with a seeded mask
+        self._dropout = has_dropout(hn)
 
-    def generate(self, clients: Sequence[int]) -> Params:
-        weights = self.hn(clients, self.graph)
+    def generate(self, clients: Sequence[int], *, train: bool = False) -> Params:
+        if train and self._dropout:
+            # one dropout mask per server step: weights_for and apply_updates draw the same one
+            device = self.hn.embeddings.weight.device
+            with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+                torch.manual_seed(derive_seed(self.seed, "hn-dropout", self.steps))
+                self.hn.train()
+                try:
+                    weights = self.hn(clients, self.graph)
+                finally:
+                    self.hn.eval()
+        else:
+            weights = self.hn(clients, self.graph)
         return {k: weights[k] for k in self.server_spec.names}
 
     @torch.no_grad()
     def weights_for(self, clients: Sequence[int]) -> Params:
+        return self.generate(clients, train=True)
+
+    @torch.no_grad()
+    def eval_weights(self, clients: Sequence[int]) -> Params:
+        """The weights to evaluate: eval mode (no dropout)."""
         return self.generate(clients)
 
     def apply_updates(self, clients: Sequence[int], deltas: Params, num_examples: Tensor) -> dict[str, float]:
         params = [p for p in self.hn.parameters() if p.requires_grad]
-        theta = self.generate(clients)  # recomputed with grad: the engine may be remote
+        theta = self.generate(clients, train=True)  # recomputed with grad: the engine may be remote
         names = list(theta)
         outputs = [theta[n] for n in names]
-        grad_outputs = [deltas[n].to(theta[n]) / len(clients) for n in names]
+        scale = 1.0 / len(clients) if self.config.delta_reduction == "mean" else 1.0
+        grad_outputs = [deltas[n].to(theta[n]) * scale for n in names]
         reg_value = 0.0
         if self.regularizer is not None:
             reg = self.regularizer(self.hn, self.graph, torch_generator(self.seed, "server-regularizer", self.steps))
@@ -193,6 +225,24 @@ class GlobalModelAlgorithm(_PersonalMixin):
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self._initial = dict(state["initial"])
+
+
+def has_dropout(module: nn.Module) -> bool:
+    """Whether any submodule drops units in train mode (``nn.Dropout`` or a ``dropout`` /
+    ``input_dropout`` float attribute, as the graph encoders keep them)."""
+    for m in module.modules():
+        if isinstance(m, nn.modules.dropout._DropoutNd) and m.p > 0:
+            return True
+        if any(isinstance(getattr(m, a, None), float) and getattr(m, a) > 0 for a in ("dropout", "input_dropout")):
+            return True
+    return False
+
+
+def eval_weights(algorithm: Algorithm, clients: Sequence[int]) -> Params:
+    """Weights for evaluation: the algorithm's ``eval_weights`` when it has one (hypernetworks
+    with dropout), else ``weights_for``."""
+    fn = getattr(algorithm, "eval_weights", None)
+    return fn(clients) if fn is not None else algorithm.weights_for(clients)
 
 
 def weighted_mean(stacked: Tensor, weights: Tensor) -> Tensor:

@@ -13,7 +13,7 @@ from typing import Any, Callable, Iterator, Sequence
 import torch
 
 from shn.config import RunConfig
-from shn.federated.algorithm import Algorithm
+from shn.federated.algorithm import Algorithm, eval_weights
 from shn.federated.client import ClientRuntime
 from shn.federated.records import MetricsLog, atomic_write_text, load_checkpoint, mean_over_clients, save_checkpoint
 from shn.federated.server import ClientSampler, Server, unstack
@@ -76,6 +76,7 @@ class Simulation:
         self.history: list[dict[str, Any]] = []
         self.per_client: dict[int, dict[str, float]] = {}
         self.failed = 0
+        self.client_updates = 0
         self._train_losses: list[float] = []
 
     # -- one round -------------------------------------------------------------------------
@@ -91,6 +92,7 @@ class Simulation:
         clients = self.round_clients(round_)
         if not clients:
             return {"accepted": 0.0, "rejected": 0.0}
+        self.client_updates += len(clients)
         weights = self.server.weights_for(clients)
         fit = self.runtime.fit(clients, weights, torch_generator(cfg.seed, "local-training", round_))
         self._train_losses.append(float(fit.loss.mean()))
@@ -102,7 +104,7 @@ class Simulation:
         out: dict[int, dict[str, float]] = {}
         for s in range(0, len(clients), self.eval_chunk):
             chunk = clients[s:s + self.eval_chunk]
-            out.update(self.runtime.evaluate(chunk, self.algorithm.weights_for(chunk)))
+            out.update(self.runtime.evaluate(chunk, eval_weights(self.algorithm, chunk)))
         return out
 
     # -- the loop --------------------------------------------------------------------------
@@ -149,6 +151,7 @@ class Simulation:
         record["rejected_updates"] = self.server.rejections.count()
         record["rejected_this_period"] = sum(self.server.rejections.count(x) for x in range(int(previous["round"]) + 1, r + 1))
         record["failed_clients"] = self.failed
+        record["client_updates"] = self.client_updates  # local trainings so far (the budget)
         record["failed_this_period"] = self.failed - int(previous.get("failed_clients", 0))
         attack = getattr(self.runtime, "attack", None)
         if attack is not None:  # simulated malicious clients: the honest clients' mean test metrics
@@ -167,7 +170,7 @@ class Simulation:
             "round": r, "elapsed": elapsed, "algorithm": self.algorithm.state_dict(),
             "personal": self.runtime.personal.state_dict(), "rejections": self.server.rejections.state_dict(),
             "history": self.history, "per_client": self.per_client, "failed": self.failed,
-            "train_losses": self._train_losses,
+            "train_losses": self._train_losses, "client_updates": self.client_updates,
         }
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -178,6 +181,7 @@ class Simulation:
         self.per_client = {int(k): v for k, v in state["per_client"].items()}
         self.failed = int(state["failed"])
         self._train_losses = list(state["train_losses"])
+        self.client_updates = int(state.get("client_updates", 0))
 
 
 @contextlib.contextmanager

@@ -71,6 +71,7 @@ from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity  # internal: flwr is pinned to 1.41.x
 
 from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, dumps_toml
+from shn.federated.algorithm import eval_weights
 from shn.federated.client import ClientRuntime
 from shn.federated.local import LocalTrainer
 from shn.federated.records import atomic_write_text
@@ -241,7 +242,7 @@ class FlowerSimulation(Simulation):
         out: dict[int, dict[str, float]] = {}
         for s in range(0, len(clients), self.eval_chunk):
             chunk = clients[s:s + self.eval_chunk]
-            replies = self._send("evaluate", f"eval-{s}", chunk, self.algorithm.weights_for(chunk), lambda i: {})
+            replies = self._send("evaluate", f"eval-{s}", chunk, eval_weights(self.algorithm, chunk), lambda i: {})
             for c in chunk:
                 row = _parse_metrics(replies.get(c))
                 if row is None:
