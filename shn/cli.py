@@ -73,7 +73,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_suite(args: argparse.Namespace) -> int:
     from shn.suite import run_suite
 
-    result = run_suite(args.suite, out=args.out, only=args.only, progress=not args.no_progress)
+    result = run_suite(args.suite, out=args.out, only=args.only, progress=not args.no_progress, jobs=args.jobs)
     print(json.dumps(result.as_dict()))
     return 1 if result.failed else 0
 
@@ -118,6 +118,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--only", action="append", default=[],
                    help="run only runs whose '<entry name>/<method>' contains this (repeatable)")
+    p.add_argument("--jobs", type=int, default=1, metavar="N",
+                   help="worker processes (one torch thread each), one (entry, seed) group of runs at a time each")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_suite)
     p = sub.add_parser("report", help="markdown table + plots from run directories")

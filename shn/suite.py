@@ -230,21 +230,86 @@ def validate(jobs: Sequence[Job]) -> None:
 
 
 def run_suite(suite_path: str | Path, out: str | Path | None = None, only: Sequence[str] = (),
-              progress: bool = True) -> SuiteResult:
-    """Run every selected job of the suite not yet finished; see the module doc."""
-    import shn  # noqa: F401  (registers methods and tasks)
-    from shn.runner import run
+              progress: bool = True, jobs: int = 1) -> SuiteResult:
+    """Run every selected job of the suite not yet finished; see the module doc.
 
-    jobs, root = load_suite(suite_path, out)
-    jobs = select(jobs, only)
-    if not jobs:
+    ``jobs > 1`` runs independent groups of runs — one (entry, seed) each, so that the runs
+    sharing a loaded task and a cached stage 1 stay in one process, in order — in that many
+    worker processes with one torch thread each (a machine with many cores, or a GPU shared by
+    several runs). The numbers do not depend on ``jobs``."""
+    import shn  # noqa: F401  (registers methods and tasks)
+
+    selected, root = load_suite(suite_path, out)
+    selected = select(selected, only)
+    if not selected:
         raise SuiteError(f"--only {list(only)!r} selects no run of {suite_path}")
-    validate(jobs)
+    if jobs < 1:
+        raise SuiteError(f"--jobs must be ≥ 1, got {jobs}")
+    validate(selected)
     root.mkdir(parents=True, exist_ok=True)
     copy = root / "suite.toml"
     if Path(suite_path).resolve() != copy.resolve():
         shutil.copyfile(suite_path, copy)  # provenance: the suite that made these runs
-    result = SuiteResult(jobs)
+    if jobs == 1:
+        return _run_jobs(selected, root, progress)
+    return _run_parallel(suite_path, out, selected, root, jobs, progress)
+
+
+def _groups(jobs: Sequence[Job]) -> list[list[Job]]:
+    groups: dict[tuple[str, int], list[Job]] = {}
+    for job in jobs:
+        groups.setdefault((job.entry, job.seed), []).append(job)
+    return list(groups.values())
+
+
+def _worker(suite_path: str, out: str | None, labels: list[str]) -> dict[str, Any]:
+    import torch
+
+    torch.set_num_threads(1)
+    import shn  # noqa: F401
+
+    jobs, root = load_suite(suite_path, out)
+    wanted = set(labels)
+    result = _run_jobs([j for j in jobs if j.label in wanted], root, progress=False)
+    return {"done": [j.label for j in result.done], "skipped": [j.label for j in result.skipped],
+            "failed": [(j.label, e) for j, e in result.failed]}
+
+
+def _run_parallel(suite_path: str | Path, out: str | Path | None, selected: Sequence[Job], root: Path, jobs: int,
+                  progress: bool) -> SuiteResult:
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor, as_completed
+
+    by_label = {j.label: j for j in selected}
+    result = SuiteResult(list(selected))
+    groups = _groups(selected)
+    bar = _bar(len(groups), progress)
+    # spawn: no forked torch / OpenMP state in the workers
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        futures = {pool.submit(_worker, str(suite_path), None if out is None else str(out), [j.label for j in g]): g
+                   for g in groups}
+        for fut in as_completed(futures):
+            group = futures[fut]
+            try:
+                got = fut.result()
+            except Exception as e:  # noqa: BLE001 — a crashed worker fails its group only
+                result.failed.extend((j, f"worker crashed: {type(e).__name__}: {e}") for j in group)
+            else:
+                result.done.extend(by_label[x] for x in got["done"])
+                result.skipped.extend(by_label[x] for x in got["skipped"])
+                result.failed.extend((by_label[x], e) for x, e in got["failed"])
+            bar.update(1)
+    bar.close()
+    if result.failed:
+        log.error("%d of %d suite runs failed: %s", len(result.failed), len(selected),
+                  ", ".join(j.label for j, _ in result.failed))
+    return result
+
+
+def _run_jobs(jobs: Sequence[Job], root: Path, progress: bool) -> SuiteResult:
+    from shn.runner import run
+
+    result = SuiteResult(list(jobs))
     bar = _bar(len(jobs), progress)
     cache: dict[str, Any] = {}  # the last task built, reused while (task config, seed) is unchanged
     for job in jobs:

@@ -115,3 +115,34 @@ seeds = [0, 1]
     assert after["metrics"] == before["metrics"]  # resumed from the checkpoint: same numbers
     log = [json.loads(line) for line in (out / "suite_log.jsonl").read_text().splitlines()]
     assert [r["status"] for r in log].count("failed") == 2 and (out / "suite.toml").is_file()
+
+
+def test_parallel_jobs_give_the_numbers_of_a_serial_suite(tmp_path):
+    """--jobs N: (entry, seed) groups in worker processes; same metrics as one process, and a
+    failing run still fails only itself."""
+    runs = """
+[[runs]]
+name = "ok"
+config = "CONFIG"
+methods = ["local", "fedavg"]
+seeds = [0, 1]
+
+[[runs]]
+name = "broken"
+config = "CONFIG"
+methods = ["local"]
+set = ["clients_per_round=5"]
+"""
+    serial_dir, parallel_dir = tmp_path / "serial", tmp_path / "parallel"
+    serial_dir.mkdir(), parallel_dir.mkdir()
+    serial = run_suite(write(serial_dir, runs), progress=False)
+    parallel = run_suite(write(parallel_dir, runs), progress=False, jobs=2)
+    assert sorted(j.label for j in parallel.done) == sorted(j.label for j in serial.done)
+    assert len(parallel.done) == 4 and [j.label for j, _ in parallel.failed] == ["broken/local/seed0"]
+    for job in serial.done:
+        rel = job.run_dir.relative_to(serial_dir / "out")
+        a = json.loads((job.run_dir / "summary.json").read_text())["metrics"]
+        b = json.loads((parallel_dir / "out" / rel / "summary.json").read_text())["metrics"]
+        assert a == b
+    with pytest.raises(SuiteError, match="--jobs"):
+        run_suite(write(serial_dir, runs), progress=False, jobs=0)
