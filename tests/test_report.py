@@ -33,11 +33,11 @@ def test_report_on_two_tiny_runs(tmp_path):
     assert not (out / "depth_digits.png").exists()  # one depth, one graph: no study plots
     assert not (out / "heterophily_digits.png").exists()
     run(load_config(cfg, ['method="shn"', 'graph.kind="knn"', "graph.k=2", "graph.stage1_rounds=2",
-                          "encoder.layers=1", "graph.rewire_homophily=1.0"]),
+                          "encoder.layers=1", "graph.rewire_homophily=0.0"]),
         run_dir=runs / "shn-rewired", progress=False)
     assert main(["report", str(runs), "--out", str(out)]) == 0
 
-    pngs = ["curves_digits.png", "graph_digits_knn.png", "graph_digits_knn-h1.png", "depth_digits.png",
+    pngs = ["curves_digits.png", "graph_digits_knn.png", "graph_digits_knn-h0.png", "depth_digits.png",
             "heterophily_digits.png"]
     for name in pngs + ["report.md", "results.csv", "runs.csv"]:
         assert (out / name).is_file() and (out / name).stat().st_size > 0, name
@@ -49,7 +49,7 @@ def test_report_on_two_tiny_runs(tmp_path):
     summaries = {m: json.loads((runs / m / "summary.json").read_text()) for m in ("pfedhn", "shn", "shn-rewired")}
     rows = {r["method"]: r for r in csv.DictReader(open(out / "results.csv"))}
     shn_label = "shn (encoder.layers=2, graph.kind=knn)"  # labels name what varies between runs
-    assert set(rows) == {"pfedhn", shn_label, "shn (encoder.layers=1, graph.kind=knn, graph.rewire_homophily=1)"}
+    assert set(rows) == {"pfedhn", shn_label, "shn (encoder.layers=1, graph.kind=knn, graph.rewire_homophily=0)"}
     for method, label in (("pfedhn", "pfedhn"), ("shn", shn_label)):
         metrics = summaries[method]["metrics"]
         for key in ("test_accuracy", "test_loss", "val_accuracy"):

@@ -128,5 +128,6 @@ class ClientRuntime:
                         sums[k] = sums.get(k, 0.0) + float(v)
                 if sums:
                     row.update({f"{split}_{k}": v for k, v in self.task.finalize(sums).items()})
+                    row[f"{split}_n"] = float(tensors[0].shape[0])  # for pooled (example-weighted) means
             out[int(c)] = row
         return out

@@ -5,6 +5,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -143,7 +144,7 @@ class Simulation:
 
     def _evaluate_round(self, r: int, elapsed: float) -> dict[str, Any]:
         self.per_client = self.evaluate()
-        record: dict[str, Any] = {"round": r, **mean_over_clients(self.per_client)}
+        record: dict[str, Any] = {"round": r, **pooled_and_mean(self.per_client)}
         if self._train_losses:
             record["train_loss"] = sum(self._train_losses) / len(self._train_losses)
         self._train_losses = []
@@ -182,6 +183,19 @@ class Simulation:
         self.failed = int(state["failed"])
         self._train_losses = list(state["train_losses"])
         self.client_updates = int(state.get("client_updates", 0))
+
+
+def pooled_and_mean(per_client: dict[int, dict[str, float]]) -> dict[str, float]:
+    """Means over clients (each client counts once) and, for accuracies, the pooled value over
+    all examples (``pooled_test_accuracy``: what pFedHN's paper reports); ``*_n`` counts dropped."""
+    means = {k: v for k, v in mean_over_clients(per_client).items() if not k.endswith("_n")}
+    for key in [k for k in means if k.endswith("_accuracy")]:
+        split = key.split("_", 1)[0]
+        rows = [row for row in per_client.values() if key in row and f"{split}_n" in row and math.isfinite(row[key])]
+        total = sum(row[f"{split}_n"] for row in rows)
+        if total > 0:
+            means[f"pooled_{key}"] = sum(row[key] * row[f"{split}_n"] for row in rows) / total
+    return means
 
 
 @contextlib.contextmanager
