@@ -3,7 +3,8 @@
     shn run CONFIG [--set KEY=VALUE]... [--out DIR] [--resume]
     shn pipeline CONFIG [...]         three-stage SHN: pFedHN → graph from embeddings → SHN
     shn sweep CONFIG --trials N --storage URL [--workers W] [--study NAME]
-    shn suite SUITE.toml              every (method, task, seed) of a comparison, resumable
+    shn suite SUITE.toml [--jobs N]   every (method, task, seed) of a comparison, resumable
+    shn compare SUITE_OUT... [--reference pfedhn]   paired Δ over seeds with 95 % CIs and verdicts
     shn report RUN_DIR... [--out DIR] tables and plots from recorded metrics
     shn flower simulate CONFIG [--supernodes N] [--set KEY=VALUE]...   the Flower engine (README: Running across machines with Flower)
 
@@ -73,9 +74,21 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
 def _cmd_suite(args: argparse.Namespace) -> int:
     from shn.suite import run_suite
 
-    result = run_suite(args.suite, out=args.out, only=args.only, progress=not args.no_progress, jobs=args.jobs)
+    result = run_suite(args.suite, out=args.out, only=args.only, progress=not args.no_progress, jobs=args.jobs,
+                       extra=args.overrides)
     print(json.dumps(result.as_dict()))
     return 1 if result.failed else 0
+
+
+def _cmd_compare(args: argparse.Namespace) -> int:
+    from shn.paired import compare, markdown
+
+    rows = compare(args.roots, reference=args.reference, metric=args.metric, out=args.out)
+    if not rows:
+        print(f"shn: error: no <setting>/<method>/seed<s>/summary.json under {', '.join(args.roots)}", file=sys.stderr)
+        return 2
+    print(markdown(rows, args.reference), end="")
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -118,10 +131,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default=None)
     p.add_argument("--only", action="append", default=[],
                    help="run only runs whose '<entry name>/<method>' contains this (repeatable)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override for every run, after the suite's own (e.g. device=\"cuda\")")
     p.add_argument("--jobs", type=int, default=1, metavar="N",
                    help="worker processes (one torch thread each), one (entry, seed) group of runs at a time each")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_suite)
+    p = sub.add_parser("compare", help="paired comparison over seeds: mean ± std, Δ to a reference with 95 % CI, verdict")
+    p.add_argument("roots", nargs="+", help="folders of <setting>/<method>/seed<s>/ runs (a suite's out)")
+    p.add_argument("--reference", default="pfedhn", help="the method every other is paired with (default pfedhn)")
+    p.add_argument("--metric", default=None, help="test metric (default: the runs' primary metric)")
+    p.add_argument("--out", default=None, help="write paired.md and paired.csv here")
+    p.set_defaults(func=_cmd_compare)
     p = sub.add_parser("report", help="markdown table + plots from run directories")
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="report")

@@ -119,8 +119,9 @@ def _strings(value: Any, where: str) -> tuple[str, ...]:
     return tuple(value)
 
 
-def load_suite(path: str | Path, out: str | Path | None = None) -> tuple[list[Job], Path]:
-    """Parse and expand a suite file into jobs (no config validation yet)."""
+def load_suite(path: str | Path, out: str | Path | None = None, extra: Sequence[str] = ()) -> tuple[list[Job], Path]:
+    """Parse and expand a suite file into jobs (no config validation yet); ``extra`` overrides
+    (``shn suite --set``) apply to every run after the suite's own (e.g. ``device="cuda"``)."""
     path = Path(path)
     data = read_toml(path, "suite", SuiteError)
     unknown = sorted(set(data) - _SUITE_KEYS)
@@ -167,7 +168,8 @@ def load_suite(path: str | Path, out: str | Path | None = None) -> tuple[list[Jo
                 continue
             grid_set = tuple(f"{k}={_toml_value(v)}" for k, v in combo)
             sub = ([",".join(f"{k}={_show(v)}" for k, v in combo)] if combo else []) + [f"seed{seed}"]
-            overrides = common + entry_set + vset + grid_set + (f"method={json.dumps(method)}", f"seed={seed}")
+            overrides = (common + entry_set + vset + grid_set + tuple(extra)
+                         + (f"method={json.dumps(method)}", f"seed={seed}"))
             jobs.append(Job(name, vname, method, seed, combo, config, overrides, root.joinpath(name, vname, *sub)))
     return jobs, root
 
@@ -230,7 +232,7 @@ def validate(jobs: Sequence[Job]) -> None:
 
 
 def run_suite(suite_path: str | Path, out: str | Path | None = None, only: Sequence[str] = (),
-              progress: bool = True, jobs: int = 1) -> SuiteResult:
+              progress: bool = True, jobs: int = 1, extra: Sequence[str] = ()) -> SuiteResult:
     """Run every selected job of the suite not yet finished; see the module doc.
 
     ``jobs > 1`` runs independent groups of runs — one (entry, seed) each, so that the runs
@@ -239,7 +241,7 @@ def run_suite(suite_path: str | Path, out: str | Path | None = None, only: Seque
     several runs). The numbers do not depend on ``jobs``."""
     import shn  # noqa: F401  (registers methods and tasks)
 
-    selected, root = load_suite(suite_path, out)
+    selected, root = load_suite(suite_path, out, extra)
     selected = select(selected, only)
     if not selected:
         raise SuiteError(f"--only {list(only)!r} selects no run of {suite_path}")
@@ -252,23 +254,26 @@ def run_suite(suite_path: str | Path, out: str | Path | None = None, only: Seque
         shutil.copyfile(suite_path, copy)  # provenance: the suite that made these runs
     if jobs == 1:
         return _run_jobs(selected, root, progress)
-    return _run_parallel(suite_path, out, selected, root, jobs, progress)
+    return _run_parallel(suite_path, out, selected, root, jobs, progress, tuple(extra))
 
 
 def _groups(jobs: Sequence[Job]) -> list[list[Job]]:
-    groups: dict[tuple[str, int], list[Job]] = {}
+    """Runs that may share a cached stage 1 (``graph.stage1_cache``) stay together, in order,
+    per (entry, seed); every other run is a group of its own (the most parallelism)."""
+    groups: dict[Any, list[Job]] = {}
     for job in jobs:
-        groups.setdefault((job.entry, job.seed), []).append(job)
+        key = (job.entry, job.seed) if job.config().graph.stage1_cache else job.label
+        groups.setdefault(key, []).append(job)
     return list(groups.values())
 
 
-def _worker(suite_path: str, out: str | None, labels: list[str]) -> dict[str, Any]:
+def _worker(suite_path: str, out: str | None, labels: list[str], extra: tuple[str, ...]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
     import shn  # noqa: F401
 
-    jobs, root = load_suite(suite_path, out)
+    jobs, root = load_suite(suite_path, out, extra)
     wanted = set(labels)
     result = _run_jobs([j for j in jobs if j.label in wanted], root, progress=False)
     return {"done": [j.label for j in result.done], "skipped": [j.label for j in result.skipped],
@@ -276,7 +281,7 @@ def _worker(suite_path: str, out: str | None, labels: list[str]) -> dict[str, An
 
 
 def _run_parallel(suite_path: str | Path, out: str | Path | None, selected: Sequence[Job], root: Path, jobs: int,
-                  progress: bool) -> SuiteResult:
+                  progress: bool, extra: tuple[str, ...]) -> SuiteResult:
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
@@ -286,7 +291,7 @@ def _run_parallel(suite_path: str | Path, out: str | Path | None, selected: Sequ
     bar = _bar(len(groups), progress)
     # spawn: no forked torch / OpenMP state in the workers
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
-        futures = {pool.submit(_worker, str(suite_path), None if out is None else str(out), [j.label for j in g]): g
+        futures = {pool.submit(_worker, str(suite_path), None if out is None else str(out), [j.label for j in g], extra): g
                    for g in groups}
         for fut in as_completed(futures):
             group = futures[fut]

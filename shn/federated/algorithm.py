@@ -165,7 +165,8 @@ class HyperNetworkAlgorithm(_PersonalMixin):
         grads = torch.autograd.grad(outputs, params, grad_outputs, allow_unused=True)
         for p, g in zip(params, grads):
             p.grad = g
-        norm = _clip(params, self.config.grad_clip)
+        # pFedHN clips each client's step; a sum of C clients' gradients gets C× the threshold
+        norm = _clip(params, self.config.grad_clip * (len(clients) if self.config.delta_reduction == "sum" else 1))
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1

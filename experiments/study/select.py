@@ -1,0 +1,108 @@
+"""Phase B of the issue-19 study: choose each method's trial of a phase-A grid on validation and
+write the paired 5-seed suite with the chosen values.
+
+    python experiments/study/select.py losloop     # reads experiments/results/study/losloop-grid
+                                                   # writes experiments/study/losloop_tuned.toml and
+                                                   # experiments/results/study/losloop-grid/trials.csv
+
+Selection: the validation value of the setting's primary metric at each trial's best validation
+round (``summary.json`` ``best_val``); test metrics are not read. Graph methods on the inferred
+kNN graph use the values chosen for the same method on the given graph.
+"""
+
+from __future__ import annotations
+
+import csv
+import json
+import sys
+import tomllib
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+
+
+def trials(setting: str, results: Path | None = None) -> list[dict]:
+    grid = tomllib.loads((HERE / f"{setting}_grid.toml").read_text())
+    entry = grid["runs"][0]
+    out_dir = (results or ROOT / grid["out"]) / entry["name"]
+    rows = []
+    for variant in entry["methods"]:
+        summary_path = out_dir / variant["name"] / "seed0" / "summary.json"
+        if not summary_path.is_file():
+            raise SystemExit(f"select: {summary_path} is missing: run shn suite experiments/study/{setting}_grid.toml first")
+        summary = json.loads(summary_path.read_text())
+        name = summary["primary_metric"].removeprefix("test_")
+        value = summary["best_val"]["metrics"].get(f"val_{name}")
+        rows.append({"method": variant["method"], "trial": variant["name"], "set": list(variant["set"]),
+                     "metric": f"val_{name}", "value": value, "best_round": summary["best_val"]["round"],
+                     "lower_is_better": name not in ("accuracy",)})
+    return rows
+
+
+def choose(rows: list[dict]) -> dict[str, dict]:
+    best: dict[str, dict] = {}
+    for r in rows:
+        if r["value"] is None:
+            continue
+        cur = best.get(r["method"])
+        better = cur is None or (r["value"] < cur["value"] if r["lower_is_better"] else r["value"] > cur["value"])
+        if better:
+            best[r["method"]] = r
+    return best
+
+
+def tuned_suite(setting: str, best: dict[str, dict]) -> str:
+    grid = tomllib.loads((HERE / f"{setting}_grid.toml").read_text())
+    entry = grid["runs"][0]
+    half = "graph.stage1_rounds=30", "rounds=30"
+    knn = ['graph.kind="knn"', *half, 'graph.stage3_init="full"']
+
+    def variant(name: str, method: str, extra: list[str] = ()) -> str:
+        sets = [s for s in best[method]["set"]] + list(extra)
+        return f"    {{ name = \"{name}\", method = \"{method}\", set = {json.dumps(sets)} }},"
+
+    lines = [
+        f"# Phase B of the issue-19 study on {setting}: paired seeds 0-4, each method with the trial",
+        f"# experiments/study/select.py chose on validation (experiments/results/study/{setting}-grid/trials.csv).",
+        "# Equal budget: 600 client updates per run; kNN-graph methods spend 300 in stage 1 (pFedHN)",
+        "# and 300 in stage 3, continuing from the whole stage-1 hypernetwork. Generated; do not edit.",
+        f'out = "experiments/results/study/{setting}"',
+        "set = " + json.dumps(grid["set"]),
+        "",
+        "[[runs]]",
+        f'name = "{setting}"',
+        f'config = "{entry["config"]}"',
+        "seeds = [0, 1, 2, 3, 4]",
+        "methods = [",
+        variant("pfedhn", "pfedhn"), variant("fedavg", "fedavg"), variant("local", "local"),
+        variant("ghn-given", "ghn", ['graph.kind="given"']),
+        variant("panacea-given", "panacea", ['graph.kind="given"']),
+        variant("shn-given", "shn", ['graph.kind="given"']),
+        variant("ghn-knn", "ghn", knn), variant("shn-knn", "shn", knn),
+        # ablation: the SHN paper's architecture (the trunk reads the sheaf output), same values
+        variant("shn-given-replace", "shn", ['graph.kind="given"', 'hypernetwork.graph_branch="replace"']),
+        "]",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+def main(setting: str, results: Path | None = None, suite_out: Path | None = None) -> None:
+    """``results``: the phase-A folder (default: the grid suite's ``out``); ``suite_out``: where
+    to write the phase-B suite (default experiments/study/<setting>_tuned.toml)."""
+    rows = trials(setting, results)
+    best = choose(rows)
+    grid = tomllib.loads((HERE / f"{setting}_grid.toml").read_text())
+    table = (results or ROOT / grid["out"]) / "trials.csv"
+    with open(table, "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["method", "trial", "metric", "value", "best_round", "chosen", "set"])
+        w.writeheader()
+        for r in rows:
+            w.writerow({**{k: r[k] for k in ("method", "trial", "metric", "value", "best_round")},
+                        "chosen": best.get(r["method"]) is r, "set": " ".join(r["set"])})
+    (suite_out or HERE / f"{setting}_tuned.toml").write_text(tuned_suite(setting, best))
+    print(json.dumps({m: b["trial"] for m, b in best.items()}))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1], *(Path(a) for a in sys.argv[2:4]))
