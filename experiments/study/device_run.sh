@@ -38,6 +38,7 @@ fi
 
 # full: the GPU studies and the CPU studies side by side
 pids=()
+python3 experiments/gpu_check.py --cifar .devdata/cifar10_jpeg --out "$OUT/gpu_check.json" --threads 1 > "$OUT/gpu_check.log" 2>&1 &
 if [ ! -f experiments/results/cifar10_paper/pfedhn/seed0/summary.json ]; then
   timeout $(( $(left) - 25 )) $SHN run experiments/configs/cifar10_paper.toml --set device='"cuda"' \
      --out experiments/results/cifar10_paper/pfedhn/seed0 --resume --no-progress > "$OUT/paper.log" 2>&1 &
