@@ -68,7 +68,7 @@ from flwr.clientapp import ClientApp
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import ServerApp
 
-from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, dumps_toml
+from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, dumps_toml, read_config
 from shn.federated.client import ClientRuntime
 from shn.federated.local import LocalTrainer
 from shn.federated.records import atomic_write_text
@@ -113,11 +113,7 @@ def resolve_run_config(run_config: Mapping[str, Any], app_dir: str | Path | None
     data: dict[str, Any] = {}
     path = str(rc.pop("config") or "").strip()
     if path:
-        file = _find_config(path, app_dir)
-        try:
-            data = tomllib.loads(file.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{file}: not valid TOML ({e})") from None
+        data = read_config(_find_config(path, app_dir))
     overrides = shlex.split(str(rc.pop("overrides") or ""))
     data = apply_overrides(data, overrides)
     rounds = int(rc.pop("num-rounds") or 0)
