@@ -347,7 +347,7 @@ def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
 def build_task_config(table: Mapping[str, Any]) -> TaskConfig:
     table = dict(table)
     name = table.pop("name", "digits")
-    if name not in TASKS:
+    if not isinstance(name, str) or name not in TASKS:  # (a list or table is unhashable: no lookup)
         raise ConfigError(f"task.name: unknown task {name!r}; allowed: {', '.join(TASKS.names())}")
     opts_cls = TASKS.get(name).options
     options = _build(opts_cls, table, "task.") if opts_cls is not None else None
