@@ -3,6 +3,10 @@
 Every table maps onto a frozen dataclass; unknown keys and bad values raise ``ConfigError``
 naming the key and what is allowed. ``Literal`` annotations double as the list of allowed
 values. Task and method options are typed by the dataclass each registry entry declares.
+
+A config file may inherit: a top-level ``base = "other.toml"`` (relative to the file naming it)
+is read first, recursively, and the file's own keys are merged over it, tables key by key
+(:func:`read_config`); ``--set`` overrides apply after that.
 """
 
 from __future__ import annotations
@@ -258,9 +262,43 @@ class RunConfig:
 # loading
 
 def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -> RunConfig:
-    """Read a TOML config into a validated ``RunConfig``, applying ``KEY=VALUE`` overrides (as
-    ``shn run --set``). Raises ``ConfigError`` naming the key or file on any problem."""
-    return config_from_dict(apply_overrides(read_toml(path), overrides))
+    """Read a TOML config (and its ``base`` chain) into a validated ``RunConfig``, applying
+    ``KEY=VALUE`` overrides (as ``shn run --set``). Raises ``ConfigError`` naming the key or file
+    on any problem."""
+    return config_from_dict(apply_overrides(read_config(path), overrides))
+
+
+def read_config(path: str | Path) -> dict[str, Any]:
+    """A config file as a dict with its inheritance resolved: ``base = "other.toml"`` (a path
+    relative to the file that names it) is read first, recursively; this file's keys override
+    it, tables merged key by key (any other value, lists included, replaces); ``base`` itself is
+    dropped. A missing base file or a cycle of bases raises ``ConfigError`` naming the files."""
+    return _with_bases(Path(path), ())
+
+
+def _with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
+    data = read_toml(path)
+    if "base" not in data:
+        return data
+    base = data.pop("base")
+    if not isinstance(base, str) or not base.strip():
+        raise ConfigError(f"{path}: base: expected the path of another TOML config (relative to this file), got {base!r}")
+    base_path = path.parent / base
+    chain = chain + (path,)
+    if base_path.resolve() in {p.resolve() for p in chain}:
+        raise ConfigError("config base cycle: " + " -> ".join(str(p) for p in chain + (base_path,)))
+    if not base_path.is_file():
+        raise ConfigError(f"{path}: base {base!r} not found (looked for {base_path})")
+    return _merged(_with_bases(base_path, chain), data)
+
+
+def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
+    """``over`` on top of ``base``: where both hold a table, merged recursively; else ``over`` wins."""
+    out = dict(base)
+    for key, value in over.items():
+        both_tables = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
+        out[key] = _merged(out[key], value) if both_tables else value
+    return out
 
 
 def read_toml(path: str | Path, what: str = "config", error: type[ConfigError] = ConfigError) -> dict[str, Any]:
@@ -319,7 +357,7 @@ def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
 def build_task_config(table: Mapping[str, Any]) -> TaskConfig:
     table = dict(table)
     name = table.pop("name", "digits")
-    if name not in TASKS:
+    if not isinstance(name, str) or name not in TASKS:  # (a list or table is unhashable: no lookup)
         raise ConfigError(f"task.name: unknown task {name!r}; allowed: {', '.join(TASKS.names())}")
     opts_cls = TASKS.get(name).options
     options = _build(opts_cls, table, "task.") if opts_cls is not None else None
@@ -529,4 +567,5 @@ __all__ = [
     "config_to_dict",
     "dumps_toml",
     "load_config",
+    "read_config",
 ]

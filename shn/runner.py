@@ -1,82 +1,42 @@
 """``run(config)``: what ``shn run`` does, from Python. Builds the task, the method and the
-engine from a ``RunConfig``, runs it, and writes the run directory."""
+engine from a ``RunConfig``, runs it, and writes the run directory.
+
+``run`` is the dispatch on top: a graph method whose graph is inferred goes through the
+three-stage pipeline (:mod:`shn.pipeline`), any other run is built and executed by
+:mod:`shn.build`, whose names are re-exported here. Also ``run_file``, ``load_run`` and
+``torch_threads``.
+"""
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Sequence
 
 import torch
 
-from shn.config import ConfigError, RunConfig, config_to_dict, dumps_toml, load_config
-from shn.federated.algorithm import Algorithm
-from shn.federated.client import ClientRuntime, PersonalStore
-from shn.federated.local import ClientStore, LocalTrainer
-from shn.federated.attacks import ClientAttack
-from shn.federated.records import atomic_write_text, mean_over_clients, read_jsonl
-from shn.federated.simulation import EvalCallback, RoundFaults, Simulation, write_summary
-from shn.methods import MethodContext
-from shn.registry import METHODS, TASKS
-from shn.seeding import seeded_init
-from shn.target import ParamSpec, module_params
+from shn.build import (
+    Built,
+    RunResult,
+    build,
+    client_templates,
+    execute,
+    make_summary,
+    make_task,
+    make_template,
+    primary_metric,
+    resolve_device,
+)
+from shn.config import RunConfig, load_config
+from shn.federated.records import read_jsonl
+from shn.federated.simulation import EvalCallback
+from shn.pipeline import publish_stage1, run_pipeline
+from shn.registry import METHODS
 from tasks.base import Task
-from tasks.datasets import DataError
 
-
-@dataclass
-class RunResult:
-    """What a run returns: the summary (as in ``summary.json``), one record per evaluation,
-    each client's final metrics, and the trained server state."""
-
-    config: RunConfig
-    summary: dict[str, Any]
-    history: list[dict[str, Any]]
-    per_client: dict[int, dict[str, float]]
-    run_dir: Path | None = None
-    algorithm: Algorithm | None = None
-    extra: dict[str, Any] = field(default_factory=dict)
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        return self.summary["metrics"]
-
-
-@dataclass
-class Built:
-    """Everything a run is made of (engines compose these)."""
-
-    config: RunConfig
-    task: Task
-    context: MethodContext
-    algorithm: Algorithm
-    runtime: ClientRuntime
-
-
-def make_task(config: RunConfig) -> Task:
-    entry = TASKS.get(config.task.name)
-    options = config.task.options
-    if options is None and entry.options is not None:
-        options = entry.options()  # RunConfig built in Python with TaskConfig("name") only
-    try:
-        return entry.factory(options, seed=config.seed)
-    except (ConfigError, DataError):
-        raise
-    except ValueError as e:  # a task option the data cannot satisfy (classes_per_client, num_clients, ...)
-        raise ConfigError(f"task: {e}") from e
-
-
-def make_template(task: Task, seed: int, device: torch.device, client: int | None = None) -> torch.nn.Module:
-    with seeded_init(seed, "target-init"):
-        try:
-            model = task.make_model(client)
-        except ValueError as e:  # e.g. task.model = "pfedhn_cnn" for 8x8 images
-            raise ConfigError(f"task: {e}") from e
-        return model.to(device)
+__all__ = ["INFERRED_GRAPHS", "Built", "RunResult", "build", "client_templates", "execute", "load_run", "make_summary",
+           "make_task", "make_template", "primary_metric", "resolve_device", "run", "run_file", "torch_threads"]
 
 
 @contextlib.contextmanager
@@ -91,131 +51,14 @@ def torch_threads(n: int | None) -> Iterator[None]:
         torch.set_num_threads(saved)
 
 
-def resolve_device(name: str) -> torch.device:
-    """``config.device`` as a torch device; a ConfigError if it is not one or is not available here."""
-    try:
-        device = torch.device(name)
-    except (RuntimeError, ValueError):
-        raise ConfigError(f"device: {name!r} is not a torch device; use cpu, cuda, cuda:N or mps") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(f"device: {name!r} but CUDA is not available on this machine; use device = \"cpu\"")
-    if device.type == "mps" and not torch.backends.mps.is_available():
-        raise ConfigError(f"device: {name!r} but MPS is not available on this machine; use device = \"cpu\"")
-    return device
-
-
-def client_templates(task: Task, seed: int, device: torch.device) -> dict[int, torch.nn.Module] | None:
-    """Every client's own architecture (``task.make_model(client)``) when they differ, e.g. in
-    input size; ``None`` when all clients share one (the usual case)."""
-    models = {c: make_template(task, seed, torch.device("cpu"), c) for c in range(task.num_clients)}
-    specs = {ParamSpec.from_module(m) for m in models.values()}
-    if len(specs) == 1:
-        return None
-    return {c: m.to(device) for c, m in models.items()}
-
-
-def _personal_per_client(algorithm: Algorithm, templates: dict[int, torch.nn.Module], method: str) -> dict[int, Any]:
-    """Each client's initial personal tensors; the tensors the server shares must agree in shape."""
-    shared = algorithm.server_spec
-    for c, m in templates.items():
-        spec = ParamSpec.from_module(m)
-        shapes = dict(zip(spec.names, spec.shapes))
-        bad = [n for n, s in zip(shared.names, shared.shapes) if shapes.get(n) != s]
-        if bad:
-            raise ConfigError(
-                f"method {method!r} shares {bad} but client {c}'s model has other shapes there ({[shapes.get(n) for n in bad]}): "
-                "the clients' architectures differ; keep those tensors personal (method \"decoupled\")"
-            )
-    return {c: {k: v for k, v in module_params(m).items() if k in algorithm.personal_keys} for c, m in templates.items()}
-
-
-def build(config: RunConfig, *, task: Task | None = None, graph: Any = None,
-          warm_embeddings: torch.Tensor | None = None, held_out: Sequence[int] = (),
-          store_clients: Sequence[int] | None = None, warm_hypernetwork: dict[str, torch.Tensor] | None = None) -> Built:
-    """Build task, method and client runtime for ``config`` (no training yet)."""
-    device = resolve_device(config.device)
-    task = task if task is not None else make_task(config)
-    _check_task(task, config)
-    if not held_out:  # novel clients ([novel] fraction), the same set the pipeline holds out
-        from shn.pipeline import _held_out
-
-        held_out = _held_out(config, task)
-    templates = client_templates(task, config.seed, device)
-    template = make_template(task, config.seed, device) if templates is None else templates[0]
-    ctx = MethodContext(config, task, template, device, graph=graph, warm_embeddings=warm_embeddings,
-                        held_out=tuple(held_out), client_templates=templates, warm_hypernetwork=warm_hypernetwork)
-    entry = METHODS.get(config.method)
-    if entry.meta.get("needs_graph") and ctx.graph is None:
-        from shn.pipeline import resolve_graph
-
-        ctx.graph = resolve_graph(config, task, held_out)
-    algorithm = entry.factory(ctx)
-    per_client = _personal_per_client(algorithm, templates, config.method) if templates is not None else None
-    trainer = LocalTrainer(template, task.loss, config.local, templates=templates)
-    attack = ClientAttack.from_config(config.attack, config.seed, task.num_clients)
-    store = _client_store(task, store_clients, device, attack, config.seed)
-    runtime = ClientRuntime(task, trainer, store, PersonalStore(algorithm.initial_personal(), per_client=per_client))
-    runtime.attack = attack
-    _faults_and_attack_reports(ctx, attack)
-    return Built(config, task, ctx, algorithm, runtime)
-
-
-def _client_store(task: Task, clients: Sequence[int] | None, device: torch.device, attack: ClientAttack | None,
-                  seed: int) -> ClientStore:
-    """The run's ClientStore; ``[attack] kind = "label_flip"`` permutes the malicious clients'
-    train labels here (the task itself is untouched)."""
-    if attack is None or attack.kind != "label_flip":
-        return ClientStore.from_task(task, clients, device)
-    clients = range(task.num_clients) if clients is None else clients
-    data = {int(c): task.client_data(int(c)) for c in clients}
-    return ClientStore(attack.poison(data, seed, getattr(task, "num_classes", None)), device)
-
-
-def _faults_and_attack_reports(ctx: MethodContext, attack: ClientAttack | None) -> None:
-    """``[faults] dropout`` → the engine's RoundFaults; with an ``[attack]``, the summary lists
-    the malicious clients and the honest clients' mean test metrics."""
-    if ctx.config.faults.dropout > 0:
-        ctx.extras.setdefault("faults", RoundFaults(dropout=ctx.config.faults.dropout))
-    if attack is None:
-        return
-    malicious = sorted(attack.malicious)
-
-    def report(result: RunResult) -> dict[str, Any]:
-        honest = {c: row for c, row in result.per_client.items() if int(c) not in attack.malicious}
-        means = mean_over_clients({c: {k: v for k, v in row.items() if k.startswith("test_")} for c, row in honest.items()})
-        return {"attack": attack.kind, "malicious_clients": malicious, **{f"honest_{k}": v for k, v in means.items()}}
-
-    ctx.extras.setdefault("after_training", []).append(report)
-
-
-def _check_task(task: Task, config: RunConfig) -> None:
-    if not isinstance(task, Task):
-        raise TypeError(f"{type(task).__name__} does not implement the tasks.base.Task protocol")
-    if task.num_clients < 1:
-        raise ValueError(f"task {task.name!r} has no clients")
-    if config.clients_per_round > task.num_clients:
-        raise ConfigError(
-            f"clients_per_round: {config.clients_per_round} is more than the task's {task.num_clients} clients"
-        )
-
-
-def primary_metric(task: Task) -> tuple[str, str]:
-    """(metric name, "max" | "min") used for model selection on the validation split."""
-    return getattr(task, "primary_metric", ("accuracy", "max"))
-
-
 def run(config: RunConfig, *, task: Task | None = None, run_dir: str | Path | None = None, resume: bool = False,
         progress: bool = True, on_eval: EvalCallback | None = None, **build_kwargs: Any) -> RunResult:
     """Run one federated experiment in-process; write ``run_dir`` when given."""
     entry = METHODS.get(config.method)
     if entry.meta.get("needs_graph") and build_kwargs.get("graph") is None and config.graph.kind in INFERRED_GRAPHS:
-        from shn.pipeline import run_pipeline
-
         return run_pipeline(config, task=task, run_dir=run_dir, resume=resume, progress=progress, on_eval=on_eval)
     built = build(config, task=task, **build_kwargs)
     if config.graph.stage1_cache and build_kwargs.get("warm_embeddings") is None:
-        from shn.pipeline import publish_stage1
-
         publish = publish_stage1(config, built.context.held_out)
         if publish is not None:
             built.context.extras.setdefault("after_training", []).insert(0, publish)
@@ -223,55 +66,6 @@ def run(config: RunConfig, *, task: Task | None = None, run_dir: str | Path | No
 
 
 INFERRED_GRAPHS = ("knn", "threshold", "learned")
-
-
-def execute(built: Built, *, run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-            on_eval: EvalCallback | None = None, pool: Sequence[int] | None = None) -> RunResult:
-    config = built.config
-    run_path = Path(run_dir) if run_dir is not None else None
-    if run_path is not None:
-        run_path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_path / "config.toml", dumps_toml(config_to_dict(config)))
-    held = set(built.context.held_out)
-    pool = [c for c in range(built.task.num_clients) if c not in held] if pool is None else list(pool)
-    sim = Simulation(config, built.algorithm, built.runtime, pool=pool, run_dir=run_path, progress=progress,
-                     on_eval=on_eval, faults=built.context.extras.get("faults"))
-    t0 = time.perf_counter()
-    result = sim.run(resume=resume)
-    summary = make_summary(config, built.task, result.history, result.per_client, result.rejected_updates,
-                           result.failed_clients, result.wall_time_s)
-    out = RunResult(config, summary, result.history, result.per_client, run_path, built.algorithm,
-                    {"simulation": sim, "built": built, "elapsed": time.perf_counter() - t0})
-    for hook in built.context.extras.get("after_training", []):
-        summary.update(hook(out))
-    if run_path is not None:
-        write_summary(run_path, summary)
-    return out
-
-
-def make_summary(config: RunConfig, task: Task, history: list[dict[str, Any]], per_client: dict[int, dict[str, float]],
-                 rejected: int, failed: int, wall_time: float) -> dict[str, Any]:
-    last = history[-1] if history else {}
-    name, mode = primary_metric(task)
-    key = f"val_{name}"
-    scored = [h for h in history if key in h and math.isfinite(h[key])]
-    best = (max if mode == "max" else min)(scored, key=lambda h: h[key]) if scored else last
-    strip = lambda rec: {k: v for k, v in rec.items() if k not in ("round", "elapsed_s", "client_updates")}  # noqa: E731
-    return {
-        "method": config.method,
-        "task": task.name,
-        "seed": config.seed,
-        "rounds": config.rounds,
-        "num_clients": task.num_clients,
-        "primary_metric": f"test_{name}",
-        "metrics": strip(last),
-        "best_val": {"round": best.get("round"), "metrics": strip(best)},
-        "per_client": {str(c): {k: v for k, v in row.items() if k.startswith("test_")} for c, row in sorted(per_client.items())},
-        "budget": {"client_updates": int(last.get("client_updates", 0))},
-        "rejected_updates": rejected,
-        "failed_clients": failed,
-        "wall_time_s": round(wall_time, 3),
-    }
 
 
 def run_file(path: str | Path, overrides: Sequence[str] = (), **kwargs: Any) -> RunResult:

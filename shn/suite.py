@@ -45,7 +45,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
 
-from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, read_toml
+from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, read_config, read_toml
 
 log = logging.getLogger("shn.suite")
 
@@ -77,7 +77,7 @@ class Job:
         return "/".join([self.entry, self.variant] + ([grid] if grid else []) + [f"seed{self.seed}"])
 
     def config(self) -> RunConfig:
-        return config_from_dict(apply_overrides(read_toml(self.config_path), list(self.overrides)))
+        return config_from_dict(apply_overrides(read_config(self.config_path), list(self.overrides)))
 
 
 @dataclass

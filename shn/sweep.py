@@ -49,7 +49,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
 
-from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, dumps_toml, read_toml
+from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, dumps_toml, read_config
 
 DISTRIBUTIONS = ("float", "int", "categorical")
 _ALLOWED_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
@@ -178,8 +178,9 @@ def without_sweep(data: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def load_base(config_path: str | Path, overrides: Sequence[str] = ()) -> dict[str, Any]:
-    """The raw TOML of ``config_path`` with ``--set`` overrides applied (validated)."""
-    data = apply_overrides(read_toml(config_path), list(overrides))
+    """The raw TOML of ``config_path`` (its ``base`` chain merged in) with ``--set`` overrides
+    applied (validated)."""
+    data = apply_overrides(read_config(config_path), list(overrides))
     config_from_dict(data)
     return data
 

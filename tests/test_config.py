@@ -248,3 +248,9 @@ def test_cli_usage_error_exits_2(capsys):
         cli.main(["run"])
     assert info.value.code == 2
     assert "Traceback" not in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("name", [[], {}, 3, ["digits"]])
+def test_task_name_that_is_no_string_is_a_config_error(name):
+    with pytest.raises(ConfigError, match=r"^task\.name: unknown task .*; allowed: .*digits"):
+        config_from_dict({"task": {"name": name}})

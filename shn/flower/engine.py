@@ -58,24 +58,23 @@ import tomllib
 from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Sequence
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor
 
-from flwr.app import ArrayRecord, ConfigRecord, Context, Error, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.clientapp import ClientApp
 from flwr.common.logger import log as flwr_log
-from flwr.serverapp import Grid, ServerApp
-from flwr.supercore.run import Run
-from flwr.supercore.task_identity import TaskIdentity  # internal: flwr is pinned to 1.41.x
+from flwr.serverapp import ServerApp
 
-from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, dumps_toml
+from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, dumps_toml, read_config
 from shn.federated.algorithm import eval_weights
 from shn.federated.client import ClientRuntime
 from shn.federated.local import LocalTrainer
 from shn.federated.records import atomic_write_text
 from shn.federated.simulation import RoundFaults, Simulation, write_summary
+from shn.flower.grid import InProcessGrid
 from shn.registry import METHODS
 from shn.runner import INFERRED_GRAPHS, Built, RunResult, build, make_summary, make_task
 from shn.seeding import torch_generator
@@ -115,11 +114,7 @@ def resolve_run_config(run_config: Mapping[str, Any], app_dir: str | Path | None
     data: dict[str, Any] = {}
     path = str(rc.pop("config") or "").strip()
     if path:
-        file = _find_config(path, app_dir)
-        try:
-            data = tomllib.loads(file.read_text())
-        except tomllib.TOMLDecodeError as e:
-            raise ConfigError(f"{file}: not valid TOML ({e})") from None
+        data = read_config(_find_config(path, app_dir))
     overrides = shlex.split(str(rc.pop("overrides") or ""))
     data = apply_overrides(data, overrides)
     rounds = int(rc.pop("num-rounds") or 0)
@@ -511,74 +506,6 @@ def make_client_app() -> Any:
     app.evaluate()(handle_evaluate)
     app.query()(handle_query)
     return app
-
-
-# ----------------------------------------------------------------------------------------------
-# a Ray-free grid (tests, debugging): the ClientApp called in this process, one Context per node
-
-class InProcessGrid(Grid):
-    """A ``flwr.serverapp.Grid`` whose ``send_and_receive`` calls the ClientApp directly.
-
-    Node ids are deliberately unrelated to partition ids (and not in the same order). A client
-    that raises becomes an error reply, as on a SuperNode; ``drop`` makes nodes go silent.
-    """
-
-    def __init__(self, client_app: Any, num_nodes: int, *, run_config: Mapping[str, Any] | None = None,
-                 node_config: Mapping[str, Any] | None = None, run_id: int = 1) -> None:
-        TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = run_id, 0, 0
-        self.client_app = client_app
-        self._run = Run.create_empty(run_id)
-        ids = [(7919 * (i + 3)) % 100_003 + 1 for i in range(num_nodes)]
-        self.contexts = {
-            nid: Context(run_id=run_id, node_id=nid, state=RecordDict(), run_config=dict(run_config or {}),
-                         node_config={"partition-id": num_nodes - 1 - i, "num-partitions": num_nodes,
-                                      **dict(node_config or {})})
-            for i, nid in enumerate(ids)
-        }
-        self.drop: set[int] = set()  # node ids that never answer
-        self.sent: list[Any] = []
-
-    def node_of(self, client: int) -> int:
-        return next(n for n, c in self.contexts.items() if c.node_config["partition-id"] == client)
-
-    def set_run(self, run: Any) -> None:
-        self._run = run
-
-    @property
-    def run(self) -> Any:
-        return self._run
-
-    def create_message(self, content: Any, message_type: str, dst_node_id: int, group_id: str,
-                       ttl: float | None = None) -> Any:
-        return Message(content=content, dst_node_id=dst_node_id, message_type=message_type, group_id=group_id, ttl=ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return list(self.contexts)
-
-    def push_messages(self, messages: Iterable[Any]) -> Iterable[str]:
-        raise NotImplementedError("InProcessGrid only supports send_and_receive")
-
-    def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Any]:
-        raise NotImplementedError("InProcessGrid only supports send_and_receive")
-
-    def send_and_receive(self, messages: Iterable[Any], *, timeout: float | None = None) -> Iterable[Any]:
-        replies = []
-        for m in messages:
-            self.sent.append(m)
-            node = m.metadata.dst_node_id
-            if node in self.drop:
-                continue
-            try:
-                replies.append(self.client_app(m, self.contexts[node]))
-            except Exception as e:  # noqa: BLE001 - what a SuperNode does with a ClientApp exception
-                replies.append(Message(Error(code=0, reason=f"{type(e).__name__}: {e}"), reply_to=m))
-        return replies
-
-    def main(self, server_app: Any, run_config: Mapping[str, Any] | None = None) -> None:
-        """Run ``server_app``'s main function on this grid."""
-        context = Context(run_id=self._run.run_id, node_id=0, node_config={}, state=RecordDict(),
-                          run_config=dict(run_config or {}))
-        server_app(self, context)
 
 
 def run_in_process(config: RunConfig, *, run_dir: str | Path | None = None, client_app: Any = None,

@@ -1,0 +1,73 @@
+"""``build_report``: the report directory (``report.md``, the CSVs, the figures) from run directories."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+from shn.report.figures import _distinct, _homophily, _homophily_value, _layers, _slug, plot_curves, plot_graph, plot_xy
+from shn.report.runs import _fmt_value, _needs_graph, find_runs, group_runs
+from shn.report.tables import detail_table, horizon_table, main_table, write_csvs
+
+__all__ = ["build_report"]
+
+
+def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report") -> Path:
+    """Write ``report.md``, ``results.csv``, ``runs.csv`` and the figures to ``out``; return the
+    path of ``report.md``."""
+    runs = find_runs(run_dirs)
+    if not runs:
+        raise FileNotFoundError(f"no run (summary.json) found under {', '.join(map(str, run_dirs))}")
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    groups = group_runs(runs)
+    write_csvs(groups, out)
+    settings = sorted({g.setting for g in groups})
+    figures: dict[str, list[str]] = {s: [] for s in settings}
+    for s in settings:
+        gs = [g for g in groups if g.setting == s]
+        slug = _slug(s)
+        if plot_curves(gs, out / f"curves_{slug}.png"):
+            figures[s].append(f"curves_{slug}.png")
+        drawn: set[str] = set()
+        for g in gs:
+            r = g.runs[0]
+            kind = str(r.config.get("graph.kind"))
+            rewire = r.config.get("graph.rewire_homophily")
+            name = f"graph_{slug}_{_slug(kind + ('' if rewire is None else '-h' + _fmt_value(rewire)))}.png"
+            if not _needs_graph(r.method) or name in drawn:
+                continue
+            if plot_graph(r, f"{s}: {g.method}, seed {r.seed}", out / name):
+                figures[s].append(name)
+                drawn.add(name)
+        enc = [g for g in gs if _needs_graph(g.runs[0].method) or any(
+            r.metric("encoder_dirichlet_energy") is not None for r in g.runs)]
+        # a study plot needs its x to vary: one depth or one graph is no curve
+        if _distinct(enc, _layers) > 1 and plot_xy(
+                enc, _layers, "encoder layers", "encoder.layers", out / f"depth_{slug}.png",
+                f"{s}: depth study (test metric, Dirichlet energy)", energy=True, integer_x=True):
+            figures[s].append(f"depth_{slug}.png")
+        het = [g for g in gs if any(_homophily(r) for r in g.runs)]
+        if _distinct(het, _homophily_value) > 1 and plot_xy(
+                het, _homophily_value, "edge homophily of the graph used", "graph.rewire_homophily",
+                out / f"heterophily_{slug}.png", f"{s}: test metric vs edge homophily", xlim=(-0.05, 1.05)):
+            figures[s].append(f"heterophily_{slug}.png")
+
+    lines = ["# Results", "",
+             f"{len(runs)} runs in {len(groups)} groups, read from `summary.json` / `metrics.jsonl` of: "
+             + ", ".join(f"`{p}`" for p in run_dirs) + ".",
+             "Cells: test metric at the end of training, mean ± sample std (ddof=1) over seeds (a single run: "
+             "its value). Bold: best per column (max for accuracy, min for loss / mse / mae / rmse).", "",
+             "## Main table", "", main_table(groups), ""]
+    for s in settings:
+        gs = [g for g in groups if g.setting == s]
+        lines += [f"## {s}", "", detail_table(gs), ""]
+        horizons = horizon_table(gs)
+        if horizons is not None:
+            lines += ["Per forecast horizon (steps ahead):", "", horizons, ""]
+        for fig in figures[s]:
+            lines += [f"![{fig}]({fig})", ""]
+    lines += ["Per-group numbers: `results.csv`; per-run numbers and run directories: `runs.csv`.", ""]
+    path = out / "report.md"
+    path.write_text("\n".join(lines))
+    return path
