@@ -267,6 +267,20 @@ def _groups(jobs: Sequence[Job]) -> list[list[Job]]:
     return list(groups.values())
 
 
+def _exit_with_parent(parent: int) -> None:
+    """Worker initializer: a worker whose suite process died (killed, interrupted) stops too,
+    instead of running on unsupervised."""
+    import os
+    import threading
+
+    def watch() -> None:
+        while os.getppid() == parent:
+            time.sleep(2.0)
+        os._exit(1)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def _worker(suite_path: str, out: str | None, labels: list[str], extra: tuple[str, ...]) -> dict[str, Any]:
     import torch
 
@@ -290,7 +304,10 @@ def _run_parallel(suite_path: str | Path, out: str | Path | None, selected: Sequ
     groups = _groups(selected)
     bar = _bar(len(groups), progress)
     # spawn: no forked torch / OpenMP state in the workers
-    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+    import os
+
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
+                             initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
         futures = {pool.submit(_worker, str(suite_path), None if out is None else str(out), [j.label for j in g], extra): g
                    for g in groups}
         for fut in as_completed(futures):

@@ -146,3 +146,51 @@ set = ["clients_per_round=5"]
         assert a == b
     with pytest.raises(SuiteError, match="--jobs"):
         run_suite(write(serial_dir, runs), progress=False, jobs=0)
+
+
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="reads the process table from /proc (Linux)")
+def test_parallel_workers_stop_when_the_suite_process_is_killed(tmp_path):
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    slow = tiny_digits_toml("local", rounds=400)
+    (tmp_path / "slow.toml").write_text(slow)
+    suite = tmp_path / "suite.toml"
+    suite.write_text(f'out = "{tmp_path / "out"}"\n[[runs]]\nname = "s"\nconfig = "{tmp_path / "slow.toml"}"\n'
+                     'methods = ["local", "fedavg"]\n')
+
+    def children(pid: int) -> list[int]:
+        out = []
+        for stat in Path("/proc").glob("[0-9]*/stat"):
+            try:
+                fields = stat.read_text().rsplit(")", 1)[1].split()
+            except OSError:
+                continue
+            if int(fields[1]) == pid:
+                out.append(int(stat.parent.name))
+        return out
+
+    proc = subprocess.Popen([sys.executable, "-m", "shn.cli", "--threads", "1", "suite", str(suite), "--jobs", "2",
+                             "--no-progress"], cwd=Path(__file__).resolve().parents[1],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.time() + 60
+        workers: list[int] = []
+        while time.time() < deadline and len(workers) < 2:
+            time.sleep(0.5)
+            workers = [c for c in children(proc.pid) if "spawn_main" in Path(f"/proc/{c}/cmdline").read_text(errors="replace")]
+        assert len(workers) == 2, "the suite did not start its two workers"
+        os.kill(proc.pid, signal.SIGKILL)
+        proc.wait()
+        deadline = time.time() + 20
+        while time.time() < deadline and any(Path(f"/proc/{w}").exists() for w in workers):
+            time.sleep(0.5)
+        alive = [w for w in workers if Path(f"/proc/{w}").exists() and "Z" not in
+                 Path(f"/proc/{w}/stat").read_text().rsplit(")", 1)[1].split()[0]]
+        assert not alive, f"workers {alive} outlived the killed suite process"
+    finally:
+        if proc.poll() is None:
+            proc.kill()
