@@ -325,3 +325,33 @@ def coordinate_adjacency(coords: np.ndarray, metric: str, k: int, where: str) ->
     else:
         raise ValueError(f"graph metric {metric!r} is not allowed; choose one of {', '.join(GRAPH_METRICS)}")
     return knn_adjacency(dist, k)
+
+
+def coordinates_from_rows(table, client_of_row: np.ndarray, names: Sequence[str], columns: Sequence[str]) -> np.ndarray:
+    """``[N, len(columns)]`` per-client coordinates from columns of the data table: the mean over
+    the client's rows (the values are usually constant per client); ``client_of_row [R]`` is the
+    client index of each row (−1 = a row of no kept client)."""
+    values = np.stack([table.numeric(c, "coordinate_columns", "coordinates (numbers)") for c in columns], axis=1)
+    n = len(names)
+    keep = client_of_row >= 0
+    sums = np.zeros((n, values.shape[1]))
+    counts = np.zeros((n, values.shape[1]))
+    finite = np.isfinite(values[keep])
+    np.add.at(sums, client_of_row[keep], np.where(finite, values[keep], 0.0))
+    np.add.at(counts, client_of_row[keep], finite)
+    bad = [names[i] for i in np.flatnonzero((counts == 0).any(1))]
+    if bad:
+        raise TableError(f"{table.source}: clients {bad[:5]} have no value in the coordinate columns {list(columns)} "
+                         "(task option coordinate_columns); expected coordinates for every client")
+    return sums / counts
+
+
+def relation_graph(graph_file: str | Path | None, coords: np.ndarray | None, metric: str, k: int,
+                   names: Sequence[str], dropped: Sequence[str], where: str) -> Tensor | None:
+    """The task's client graph ``[N, N]`` (symmetric, zero diagonal): from ``graph_file`` when
+    given, else the kNN graph of ``coords``, else ``None``."""
+    if graph_file is not None:
+        return symmetrize_adjacency(read_client_graph(graph_file, names, dropped))
+    if coords is not None:
+        return coordinate_adjacency(coords, metric, k, where)
+    return None
