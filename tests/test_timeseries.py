@@ -238,3 +238,13 @@ def test_runs_two_rounds_from_a_toml_config_alone_with_baselines_in_the_summary(
     assert "test_mape" not in summary["metrics"]
     assert set(summary["baselines"]) == {"persistence", "seasonal_naive", "train_mean"}
     assert all(np.isfinite(b["test_mse"]) for b in summary["baselines"].values())
+
+
+def test_given_graph_without_one_is_a_one_line_error(tmp_path, capsys):
+    write_wide(tmp_path / "flow.csv", days=3)
+    config = _toml(tmp_path, "shn", dict(files=str(tmp_path / "flow.csv"), input_len=6, output_len=3, hidden=8))
+    with open(config, "a") as fh:
+        fh.write('\n[graph]\nkind = "given"\n')
+    assert cli_main(["run", config, "--out", str(tmp_path / "run"), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "graph.kind = 'given' but task 'timeseries' has no relation graph" in err[0]
