@@ -7,7 +7,7 @@ Data (``TrafficOptions.data_dir``), two layouts:
   first column named ``time``/``timestamp``/``date``/``datetime`` or with an empty header cell is
   read as timestamps), ``los_adj.csv`` (N×N, no header), optional ``graph_sensor_locations.csv``.
 * ``h5`` — the DCRNN METR-LA / PEMS-BAY files: ``metr-la.h5`` / ``pems-bay.h5`` (pandas fixed-format
-  frame under key ``df``; needs ``pip install h5py``) plus the adjacency as DCRNN's ``adj_mx.pkl``
+  frame under key ``df``; needs h5py: ``pip install -e '.[h5]'``) plus the adjacency as DCRNN's ``adj_mx.pkl``
   (``[sensor_ids, id_to_index, adj_mx]``), an ``.npz`` (``adj_mx`` or the first array) or a dense
   ``.csv`` (optional header row / id column, e.g. ``metr_la_adj_mx.csv``), and optionally
   ``graph_sensor_locations[_bay].csv``.
@@ -224,7 +224,7 @@ def read_speed_h5(path: str | Path) -> SpeedTable:
     except ImportError:
         raise ForecastDataError(
             f"{path}: reading .h5 speed tables needs the optional package h5py; install it with "
-            "`pip install h5py` (or export the table to CSV and use format='losloop')"
+            "`pip install h5py` or the extra `pip install -e '.[h5]'` (or export the table to CSV and use format='losloop')"
         ) from None
     try:
         with h5py.File(path, "r") as f:
