@@ -236,6 +236,35 @@ def _parse_time(text: str, fmt: str | None) -> np.datetime64 | None:
     return np.datetime64(moment.replace(microsecond=0), "s")
 
 
+def _records(reader, text: str, path: Path, width: int) -> tuple[list[list[str]], list[int]]:
+    """The data records after the header and their line numbers; blank lines skipped, a record
+    of another width is an error naming its line."""
+    try:
+        records = list(reader)  # at C speed; line numbers recovered below
+    except csv.Error as exc:
+        raise TableError(f"{path} line {reader.line_num}: not valid CSV ({exc})") from None
+    newlines = text.count("\n") + (0 if text.endswith("\n") else 1)
+    if newlines == len(records) + 1:  # no quoted line breaks: record i is on line i + 2
+        numbers = range(2, len(records) + 2)
+    else:  # quoted line breaks: read again, tracking the reader's line numbers
+        again = csv.reader(io.StringIO(text))
+        next(again)
+        numbers = []
+        for _ in again:
+            numbers.append(again.line_num)
+    if all(len(r) == width for r in records):  # the usual case: nothing to skip or report
+        return records, list(numbers)
+    rows, nums = [], []
+    for row, line in zip(records, numbers):
+        if len(row) != width:
+            if not row or not any(c.strip() for c in row):
+                continue
+            raise TableError(f"{path} line {line}: {len(row)} fields, expected {width} (the header's columns)")
+        rows.append(row)
+        nums.append(line)
+    return rows, nums
+
+
 def read_table(paths: Sequence[Path]) -> Table:
     """Read CSV files that share their columns (in any order) into one :class:`Table`."""
     header: list[str] | None = None
@@ -259,19 +288,7 @@ def read_table(paths: Sequence[Path]) -> Table:
             raise TableError(
                 f"{path}: expected the same columns as {paths[0]}; missing {missing}, extra {extra}"
             )
-        rows, nums = [], []
-        try:
-            for row in reader:
-                if not row or not any(c.strip() for c in row):
-                    continue
-                if len(row) != len(head):
-                    raise TableError(
-                        f"{path} line {reader.line_num}: {len(row)} fields, expected {len(head)} (the header's columns)"
-                    )
-                rows.append(row)
-                nums.append(reader.line_num)
-        except csv.Error as exc:
-            raise TableError(f"{path} line {reader.line_num}: not valid CSV ({exc})") from None
+        rows, nums = _records(reader, text, path, len(head))
         cols = list(zip(*rows)) if rows else [()] * len(head)
         for name, col in zip(head, cols):
             parts[name].append(np.array(col, dtype=str))

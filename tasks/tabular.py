@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Sequence
 
 import numpy as np
@@ -425,8 +426,6 @@ class TabularTask:
 
 
 def _resolve(path: str | None, data_dir: str | None) -> str | None:
-    from pathlib import Path
-
     if path is None:
         return None
     p = Path(path).expanduser()

@@ -81,3 +81,14 @@ def test_calendar_features_values():
     assert np.allclose(values[0, :2], [1.0, 0.0], atol=1e-12)  # 06:00 = a quarter day
     assert np.allclose(values[0, 2:4], [0.0, 1.0]) and np.allclose(values[1, 2], np.sin(2 * np.pi * 2 / 7))
     assert np.allclose(values[1, 4], np.sin(2 * np.pi * 2 / 365.25))
+
+
+def test_line_numbers_survive_quoted_line_breaks_and_blank_lines(tmp_path):
+    (tmp_path / "q.csv").write_text('c,note,x\na,"two\nlines",1\n\nb,plain,oops\n')
+    t = read_table([tmp_path / "q.csv"])
+    assert t.num_rows == 2 and t.line.tolist() == [3, 5]
+    with pytest.raises(DataError, match=r"q\.csv line 5: column 'x' \(task option k\) has 'oops'"):
+        t.numeric("x", "k")
+    (tmp_path / "r.csv").write_text('c,x\n"a\nb",1\n\nc\n')
+    with pytest.raises(DataError, match=r"r\.csv line 5: 1 fields, expected 2"):
+        read_table([tmp_path / "r.csv"])
