@@ -226,6 +226,8 @@ def make_summary(config: RunConfig, task: Task, history: list[dict[str, Any]], p
     scored = [h for h in history if key in h and math.isfinite(h[key])]
     best = (max if mode == "max" else min)(scored, key=lambda h: h[key]) if scored else last
     strip = lambda rec: {k: v for k, v in rec.items() if k not in ("round", "elapsed_s", "client_updates")}  # noqa: E731
+    # forecasting tasks: naive forecasts on the same test targets, so no report hides a model worse than them
+    extra = {"baselines": task.naive_baselines()} if callable(getattr(task, "naive_baselines", None)) else {}
     return {
         "method": config.method,
         "task": task.name,
@@ -240,6 +242,7 @@ def make_summary(config: RunConfig, task: Task, history: list[dict[str, Any]], p
         "rejected_updates": rejected,
         "failed_clients": failed,
         "wall_time_s": round(wall_time, 3),
+        **extra,
     }
 
 

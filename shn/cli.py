@@ -6,6 +6,7 @@
     shn suite SUITE.toml [--jobs N]   every (method, task, seed) of a comparison, resumable
     shn compare SUITE_OUT... [--reference pfedhn]   paired Δ over seeds with 95 % CIs and verdicts
     shn report RUN_DIR... [--out DIR] tables and plots from recorded metrics
+    shn inspect CONFIG [--set KEY=VALUE]... [--json]   load the task: clients, split sizes, inputs, graph degree
     shn flower simulate CONFIG [--supernodes N] [--set KEY=VALUE]...   the Flower engine (README: Running across machines with Flower)
 
 ``shn --threads N <command>`` caps torch's CPU threads (several experiments side by side: N=1
@@ -99,6 +100,15 @@ def _cmd_report(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_inspect(args: argparse.Namespace) -> int:
+    from shn.config import load_config
+    from shn.inspect import format_description, inspect_config
+
+    desc = inspect_config(load_config(args.config, args.overrides))
+    print(json.dumps(desc) if args.json else format_description(desc))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shn", description="Personalized FL with sheaf hypernetworks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -147,6 +157,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dirs", nargs="+")
     p.add_argument("--out", default="report")
     p.set_defaults(func=_cmd_report)
+    p = sub.add_parser("inspect", help="load the config's task and describe it (clients, splits, inputs, graph) without training")
+    p.add_argument("config")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--json", action="store_true", help="print the description as JSON")
+    p.set_defaults(func=_cmd_inspect)
     from shn.flower import add_flower_parser
 
     add_flower_parser(sub)

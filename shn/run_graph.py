@@ -41,7 +41,7 @@ def given_task_graph(config: RunConfig, task: Task) -> ClientGraph:
                 raise ConfigError(f"graph.path: {path}: expected a dense numeric N x N adjacency matrix ({e})") from None
     else:
         adjacency = getattr(task, "relation_adjacency", None)
-        if adjacency is None:
+        if adjacency is None or adjacency() is None:  # no method, or a task without a graph of its own
             raise ConfigError(
                 f"graph.kind = 'given' but task {task.name!r} has no relation graph; set graph.path or use "
                 "graph.kind = 'knn' (inferred by the three-stage pipeline)"

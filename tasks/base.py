@@ -99,4 +99,34 @@ def classification_finalize(sums: Mapping[str, float]) -> dict[str, float]:
     return {"accuracy": float(sums["correct"]) / count, "loss": float(sums["loss_sum"]) / count}
 
 
+def regression_loss(output: Tensor, y: Tensor, scale: Tensor) -> Tensor:
+    """MSE on standardised targets: ``output [B, 1]``, ``y [B]`` (z-scored), ``scale [B, 2]`` =
+    (std, mean) — unused here, it de-normalises in :func:`regression_metrics`."""
+    return (output.squeeze(-1) - y).square().mean()
+
+
+def regression_metrics(output: Tensor, y: Tensor, scale: Tensor) -> dict[str, Tensor]:
+    """Sums in original units: ``sq_err``, ``abs_err``, ``sum_y``, ``sum_y2`` (for R²), and the
+    standardised ``zsq_err`` (for ``loss``)."""
+    z = output.detach().squeeze(-1)
+    std, mean = scale[:, 0], scale[:, 1]
+    err = (z - y) * std
+    true = y * std + mean
+    return {"sq_err": err.square().sum(), "abs_err": err.abs().sum(), "zsq_err": (z - y).square().sum(),
+            "sum_y": true.sum(), "sum_y2": true.square().sum(), "count": torch.tensor(float(y.shape[0]))}
+
+
+def regression_finalize(sums: Mapping[str, float]) -> dict[str, float]:
+    """``mse``, ``rmse``, ``mae`` (original units), ``r2`` (1 − SSE/SST over the given samples; NaN
+    when the targets do not vary) and ``loss`` (standardised MSE, the training loss)."""
+    n = float(sums["count"])
+    if n <= 0:
+        return {k: float("nan") for k in ("mse", "rmse", "mae", "r2", "loss")}
+    mse = float(sums["sq_err"]) / n
+    sst = float(sums["sum_y2"]) - float(sums["sum_y"]) ** 2 / n
+    return {"mse": mse, "rmse": mse ** 0.5, "mae": float(sums["abs_err"]) / n,
+            "r2": 1.0 - float(sums["sq_err"]) / sst if sst > 1e-12 * max(1.0, float(sums["sum_y2"])) else float("nan"),
+            "loss": float(sums["zsq_err"]) / n}
+
+
 TaskFactory = Callable[..., Task]

@@ -1,6 +1,7 @@
 """Shared machinery of the forecasting tasks (``traffic`` in :mod:`tasks.traffic`, ``weather`` in
-:mod:`tasks.weather`): chronological splits, sliding windows, per-client normalisation, missing
-values, masked loss and metrics, and the :class:`ForecastTask` both tasks return.
+:mod:`tasks.weather`, ``timeseries`` in :mod:`tasks.timeseries`): chronological splits, sliding
+windows, per-client normalisation, missing values, seasonal lag inputs, masked loss and metrics,
+naive baselines, and the :class:`ForecastTask` every one of them returns.
 
 Data layout of one client split — the ``Split`` tuple the engines pass around::
 
@@ -18,27 +19,32 @@ Pipeline for one client (:func:`prepare_client`), on a series of S time steps:
    the rest to test) and windows are cut inside each part, so no window crosses a split boundary
    and no test time step ever appears in a training window (input or target).
 2. **Missing values** are NaN (and, where the caller says so, zeros: a traffic speed of 0 is a
-   sensor dropout in METR-LA/PEMS-BAY; a temperature of 0 °C is not). Targets: masked (y = 0,
-   mask = 0), so a missing target changes neither the loss nor any metric. Inputs: forward-filled
-   along time (last observation carried forward — causal, so nothing leaks from the future), and
-   the leading gap before the first observation filled with the train mean (0 after z-scoring).
+   sensor dropout in METR-LA/PEMS-BAY; a temperature of 0 °C or a passenger count of 0 is not).
+   Targets: masked (y = 0, mask = 0), so a missing target changes neither the loss nor any metric.
+   Inputs: forward-filled along time (last observation carried forward — causal, so nothing leaks
+   from the future), and the leading gap before the first observation filled with the train mean
+   (0 after z-scoring).
 3. **Normalisation**: per client and per feature, mean/std of the observed values of the TRAIN
    period only (std < 1e-8 → 1). Bounded features (time of day, wind-direction sin/cos) are left
    as they are.
+4. **Seasonal lag inputs** (optional, :func:`add_seasonal_lags`): the targets one season (e.g.
+   one day, one week) before each forecast slot, as extra z-scored inputs.
 
 Metrics (:meth:`ForecastTask.metrics` → sums, :meth:`ForecastTask.finalize` → values) are in
-original units (mph, °C): ``mae``, ``rmse``, ``mse``, ``mape`` (a fraction, over observed
-non-zero targets only) and the same at horizons 3, 6 and 12 (``mae_h3`` … — horizon h is output
-step h-1; only horizons ≤ ``output_len``). ``loss`` is the masked MSE on z-scored values, i.e.
-exactly the training loss pooled over every observed target. Pooled values are Σ/Σ over all given
-samples; averaging per client is the engine's job.
+original units (mph, °C): ``mae``, ``rmse``, ``mse``, ``wape`` (Σ|error| / Σ|target|: relative
+error that stays meaningful when targets are at or near 0), ``mape`` only where the task says it is
+meaningful (a fraction, over observed non-zero targets only: speeds with zeros masked), and the
+same at horizons 3, 6 and 12 (``mae_h3`` … — horizon h is output step h-1; only horizons ≤
+``output_len``). ``loss`` is the masked MSE on z-scored values, i.e. exactly the training loss
+pooled over every observed target. Pooled values are Σ/Σ over all given samples; averaging per
+client is the engine's job. :meth:`ForecastTask.naive_baselines` gives the same metrics for the
+naive forecasts of :mod:`tasks.naive` on the same masked test targets.
 """
 
 from __future__ import annotations
 
-import io
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Mapping, Sequence
 
@@ -47,7 +53,11 @@ import torch
 from torch import Tensor, nn
 
 from tasks.base import ClientData
+from tasks.client_graph import haversine_km, knn_adjacency, symmetrize_adjacency
 from tasks.forecast_models import FORECAST_MODELS, make_forecaster
+from tasks.naive import NAIVE_BASELINES, naive_predictions
+from tasks.options import check_choice, check_fractions, check_int, check_path  # noqa: F401  (re-exported)
+from tasks.tables import TableError, read_numeric_columns, read_text, split_header  # noqa: F401  (re-exported)
 
 __all__ = [
     "ForecastDataError",
@@ -59,6 +69,7 @@ __all__ = [
     "window_starts",
     "forward_fill",
     "prepare_client",
+    "add_seasonal_lags",
     "forecast_loss",
     "forecast_metrics",
     "forecast_finalize",
@@ -72,9 +83,8 @@ HORIZONS = (3, 6, 12)
 _STD_FLOOR = 1e-8
 
 
-class ForecastDataError(ValueError):
-    """A forecasting data file is missing or malformed; the message names the file and what was
-    expected."""
+# A forecasting data file is missing or malformed (a DataError: exit code 2 from the CLI).
+ForecastDataError = TableError
 
 
 # -- splits and windows -----------------------------------------------------------------------
@@ -151,6 +161,8 @@ class PreparedClient:
     target_mean: np.ndarray
     target_std: np.ndarray
     input_names: tuple[str, ...]
+    # naive forecasts' metric sums on the test split (tasks.naive): name → forecast_metrics sums
+    baseline_sums: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
 def _with_missing(values: np.ndarray, zero_is_missing: np.ndarray | None) -> np.ndarray:
@@ -177,8 +189,10 @@ def _train_stats(values: np.ndarray, train: tuple[int, int], names: Sequence[str
 
 
 def prepare_client(series: ClientSeries, bounds: Sequence[tuple[int, int]], input_len: int, output_len: int,
-                   stride: int = 1, max_windows: int | None = None) -> PreparedClient:
-    """Windows, normalises and masks one client's series (see the module docstring).
+                   stride: int = 1, max_windows: int | None = None, *, season: int | None = None,
+                   mape: bool = True) -> PreparedClient:
+    """Windows, normalises and masks one client's series (see the module docstring), and scores
+    the naive forecasts (:mod:`tasks.naive`, seasonal with ``season`` steps) on its test split.
 
     ``bounds``: ``(start, stop)`` of train, val, test on the series' time axis (:func:`split_bounds`).
     """
@@ -223,7 +237,47 @@ def prepare_client(series: ClientSeries, bounds: Sequence[tuple[int, int]], inpu
         return tuple(torch.from_numpy(np.ascontiguousarray(a)) for a in parts)
 
     data = ClientData(*(split(*b) for b in bounds))
-    return PreparedClient(data, in_mean, in_std, t_mean, t_std, tuple(series.input_names))
+    test_starts = window_starts(*bounds[2], input_len, output_len, stride, max_windows)
+    horizons = tuple(h for h in HORIZONS if h <= output_len)
+    baselines = {}
+    for name, pred in naive_predictions(forward_fill(targets), t_mean, t_std, test_starts, input_len, output_len,
+                                        season).items():
+        sums = forecast_metrics(torch.from_numpy(pred), *data.test[1:], horizons=horizons, mape=mape)
+        baselines[name] = {k: float(v) for k, v in sums.items()}
+    return PreparedClient(data, in_mean, in_std, t_mean, t_std, tuple(series.input_names), baselines)
+
+
+def add_seasonal_lags(series: ClientSeries, lags: Sequence[int], output_len: int) -> ClientSeries:
+    """``series`` with one extra input per target and lag ``L`` (steps): the target ``L`` steps
+    before the slot ``output_len`` steps ahead, i.e. the input at step ``t`` is the target at
+    ``t + output_len − L``. The window's last ``output_len`` inputs then hold the targets' values
+    one season before the forecast slots. Needs ``L ≥ output_len`` (else it would read the future)."""
+    if not lags:
+        return series
+    cols, names = [], []
+    s = series.targets.shape[0]
+    for lag in lags:
+        if lag < output_len:
+            raise ValueError(f"task option seasonal_lags: a lag of {lag} steps is shorter than output_len = {output_len}, "
+                             "so it would read values after the forecast origin; use lags of at least output_len steps")
+        shift = lag - output_len
+        shifted = np.full_like(series.targets, np.nan, dtype=np.float64)
+        if shift < s:
+            shifted[shift:] = series.targets[: s - shift]
+        cols.append(shifted)
+        names.extend(f"{t}_lag{lag}" for t in series.target_names)
+    extra = np.concatenate(cols, axis=1)
+    zero = series.target_zero_is_missing
+    n_in = series.inputs.shape[1]
+    in_zero = series.input_zero_is_missing if series.input_zero_is_missing is not None else np.zeros(n_in, bool)
+    t_zero = zero if zero is not None else np.zeros(len(series.target_names), bool)
+    return replace(
+        series,
+        inputs=np.concatenate([series.inputs, extra], axis=1),
+        normalize=np.concatenate([np.asarray(series.normalize, bool), np.ones(extra.shape[1], bool)]),
+        input_names=tuple(series.input_names) + tuple(names),
+        input_zero_is_missing=np.concatenate([np.asarray(in_zero, bool), np.tile(np.asarray(t_zero, bool), len(lags))]),
+    )
 
 
 def validate_split_options(num_steps: int, bounds, input_len: int, output_len: int, what: str) -> None:
@@ -248,10 +302,11 @@ def forecast_loss(output: Tensor, y: Tensor, mask: Tensor, scale: Tensor | None 
 
 
 def forecast_metrics(output: Tensor, y: Tensor, mask: Tensor, scale: Tensor,
-                     horizons: Sequence[int] = HORIZONS) -> dict[str, Tensor]:
+                     horizons: Sequence[int] = HORIZONS, mape: bool = True) -> dict[str, Tensor]:
     """Sums over the batch in original units (de-normalised with ``scale [B, 2, T]`` = (std,
-    mean)): ``abs_err``, ``sq_err``, ``count``, ``ape``/``ape_count`` (targets ≠ 0 only), ``zsq_err``
-    (z-scored squared error, for ``loss``), and each of these per horizon (suffix ``_h3`` …)."""
+    mean)): ``abs_err``, ``sq_err``, ``count``, ``abs_true`` (for WAPE), with ``mape``
+    ``ape``/``ape_count`` (targets ≠ 0 only), ``zsq_err`` (z-scored squared error, for ``loss``),
+    and each of these per horizon (suffix ``_h3`` …)."""
     output = output.detach()
     std, mean = scale[:, 0:1, :], scale[:, 1:2, :]
     pred = output * std + mean
@@ -264,11 +319,14 @@ def forecast_metrics(output: Tensor, y: Tensor, mask: Tensor, scale: Tensor,
     ape = torch.where(nonzero > 0, abs_err / torch.where(nonzero > 0, true.abs(), torch.ones_like(true)),
                       torch.zeros_like(true))
 
+    abs_true = true.abs() * mask
+
     def sums(sl) -> dict[str, Tensor]:
-        return {
-            "abs_err": abs_err[:, sl].sum(), "sq_err": sq_err[:, sl].sum(), "count": mask[:, sl].sum(),
-            "ape": ape[:, sl].sum(), "ape_count": nonzero[:, sl].sum(),
-        }
+        out = {"abs_err": abs_err[:, sl].sum(), "sq_err": sq_err[:, sl].sum(), "count": mask[:, sl].sum(),
+               "abs_true": abs_true[:, sl].sum()}
+        if mape:
+            out.update(ape=ape[:, sl].sum(), ape_count=nonzero[:, sl].sum())
+        return out
 
     out = sums(slice(None))
     out["zsq_err"] = zsq.sum()
@@ -279,9 +337,9 @@ def forecast_metrics(output: Tensor, y: Tensor, mask: Tensor, scale: Tensor,
 
 
 def forecast_finalize(sums: Mapping[str, float], horizons: Sequence[int] = HORIZONS) -> dict[str, float]:
-    """``mae``, ``rmse``, ``mse``, ``mape`` (fraction), ``loss`` (z-scored MSE) and per-horizon
-    ``mae_h{h}``/``rmse_h{h}``/``mse_h{h}``/``mape_h{h}`` for the horizons present in ``sums``.
-    NaN when nothing was observed."""
+    """``mae``, ``rmse``, ``mse``, ``wape`` (Σ|error| / Σ|target|, a fraction), ``mape`` (fraction;
+    only when ``sums`` has it), ``loss`` (z-scored MSE) and the same per horizon (``mae_h{h}`` …)
+    for the horizons present in ``sums``. NaN when nothing was observed."""
 
     def ratio(num: str, den: str) -> float:
         d = float(sums[den])
@@ -289,12 +347,16 @@ def forecast_finalize(sums: Mapping[str, float], horizons: Sequence[int] = HORIZ
 
     def block(suffix: str) -> dict[str, float]:
         mse = ratio("sq_err" + suffix, "count" + suffix)
-        return {
+        out = {
             "mae" + suffix: ratio("abs_err" + suffix, "count" + suffix),
             "rmse" + suffix: math.sqrt(mse) if mse == mse else mse,
             "mse" + suffix: mse,
-            "mape" + suffix: ratio("ape" + suffix, "ape_count" + suffix),
         }
+        if "abs_true" + suffix in sums:
+            out["wape" + suffix] = ratio("abs_err" + suffix, "abs_true" + suffix)
+        if "ape" + suffix in sums:
+            out["mape" + suffix] = ratio("ape" + suffix, "ape_count" + suffix)
+        return out
 
     result = block("")
     result["loss"] = ratio("zsq_err", "count")
@@ -302,96 +364,6 @@ def forecast_finalize(sums: Mapping[str, float], horizons: Sequence[int] = HORIZ
         if f"count_h{h}" in sums:
             result.update(block(f"_h{h}"))
     return result
-
-
-# -- graphs ---------------------------------------------------------------------------------------
-
-def symmetrize_adjacency(adj: np.ndarray | Tensor) -> Tensor:
-    """``max(A, Aᵀ)`` with a zero diagonal, float32."""
-    a = torch.as_tensor(np.asarray(adj, dtype=np.float32))
-    a = torch.maximum(a, a.T)
-    return a.fill_diagonal_(0.0)
-
-
-def haversine_km(coords: np.ndarray) -> np.ndarray:
-    """Pairwise great-circle distances (km) of ``coords [N, 2]`` = (latitude, longitude) in
-    degrees."""
-    lat, lon = np.radians(coords[:, 0]), np.radians(coords[:, 1])
-    dlat = lat[:, None] - lat[None, :]
-    dlon = lon[:, None] - lon[None, :]
-    a = np.sin(dlat / 2) ** 2 + np.cos(lat[:, None]) * np.cos(lat[None, :]) * np.sin(dlon / 2) ** 2
-    return 2 * 6371.0088 * np.arcsin(np.sqrt(np.clip(a, 0.0, 1.0)))
-
-
-def knn_adjacency(dist: np.ndarray, k: int) -> Tensor:
-    """Unweighted kNN graph from a distance matrix: each node links to its ``k`` nearest others
-    (ties by index), symmetrised with ``max(A, Aᵀ)``, zero diagonal. ``k ≥ N-1`` → complete."""
-    n = dist.shape[0]
-    d = np.array(dist, dtype=np.float64)
-    np.fill_diagonal(d, np.inf)
-    k = min(int(k), n - 1)
-    adj = np.zeros((n, n), dtype=np.float32)
-    if k > 0:
-        nearest = np.argsort(d, axis=1, kind="stable")[:, :k]
-        adj[np.repeat(np.arange(n), k), nearest.ravel()] = 1.0
-    return symmetrize_adjacency(adj)
-
-
-# -- small file readers ---------------------------------------------------------------------------
-
-_MISSING_TOKENS = ("NA", '"NA"', "", '""', "NaN", "nan", "NULL", "null", "N/A")
-
-
-def read_numeric_columns(path: Path, text: str, header: Sequence[str], columns: Sequence[int]) -> np.ndarray:
-    """Parse the data lines ``text`` (no header) of a comma-separated file into ``[rows, len(columns)]``
-    float64; missing tokens (NA, empty, NaN …) → NaN. Errors name ``path``."""
-    body = "\n" + text.replace("\r\n", "\n")
-    if not body.endswith("\n"):
-        body += "\n"
-    for tok in _MISSING_TOKENS:  # str.replace is ~10x faster than a regex here
-        for _ in range(2):  # twice: adjacent tokens share a comma
-            body = body.replace("," + tok + ",", ",nan,")
-        body = body.replace("," + tok + "\n", ",nan\n").replace("\n" + tok + ",", "\nnan,")
-    body = body.strip("\n")
-    if not body:
-        return np.zeros((0, len(columns)))
-    try:
-        return np.loadtxt(io.StringIO(body), delimiter=",", usecols=list(columns), quotechar='"',
-                          dtype=np.float64, ndmin=2, comments=None)
-    except ValueError as exc:
-        names = [header[c] for c in columns]
-        raise ForecastDataError(
-            f"{path}: expected numeric values in columns {names} on every row with {len(header)} "
-            f"comma-separated fields: {exc}"
-        ) from None
-
-
-def read_text(path: Path) -> str:
-    """Whole text of a ``.csv`` or ``.csv.gz`` file; a clear error when missing or unreadable."""
-    import gzip
-
-    path = Path(path)
-    if not path.is_file():
-        raise ForecastDataError(f"{path}: file not found")
-    try:
-        if path.name.endswith(".gz"):
-            with gzip.open(path, "rt", encoding="utf-8-sig", newline="") as fh:
-                return fh.read()
-        return path.read_text(encoding="utf-8-sig")
-    except (OSError, UnicodeDecodeError, EOFError) as exc:
-        raise ForecastDataError(f"{path}: cannot read as UTF-8 text ({exc})") from None
-
-
-def split_header(path: Path, text: str) -> tuple[list[str], str]:
-    """``(header cells, remaining text)`` of a CSV; error when empty."""
-    head, _, body = text.partition("\n")
-    head = head.strip("\r")
-    if not head.strip():
-        raise ForecastDataError(f"{path}: empty file, expected a header row")
-    import csv
-
-    cells = [c.strip() for c in next(csv.reader([head]))]
-    return cells, body
 
 
 # -- the task -----------------------------------------------------------------------------------
@@ -405,6 +377,8 @@ class ForecastTask:
     :meth:`feature_names`; ``window_starts[split]`` holds the start index of every window on the
     common time axis (the same for all clients). ``primary_metric`` (model selection on the
     validation split) is ``("mse", "min")``: MSE in original units, pooled.
+    :meth:`naive_baselines` scores the naive forecasts (:mod:`tasks.naive`) on the test split;
+    ``mape`` says whether MAPE is reported (only where targets are bounded away from 0).
     """
 
     primary_metric = ("mse", "min")
@@ -412,7 +386,8 @@ class ForecastTask:
     def __init__(self, name: str, prepared: Sequence[PreparedClient], *, target_names: Sequence[str],
                  input_len: int, output_len: int, model: str, hidden: int, seed: int,
                  adjacency: Tensor | None, coordinates: np.ndarray | None, client_names: Sequence[str],
-                 window_starts: Mapping[str, np.ndarray], bounds, num_steps: int):
+                 window_starts: Mapping[str, np.ndarray], bounds, num_steps: int, mape: bool = True,
+                 season_steps: int | None = None):
         if model not in FORECAST_MODELS:
             raise ValueError(f"task option model={model!r} is not allowed; choose one of {', '.join(FORECAST_MODELS)}")
         self.name = name
@@ -429,6 +404,8 @@ class ForecastTask:
         self.window_starts = dict(window_starts)
         self.bounds = tuple(bounds)
         self.num_steps = int(num_steps)
+        self.mape = bool(mape)
+        self.season_steps = season_steps
 
     # -- Task protocol ------------------------------------------------------------------------
 
@@ -465,10 +442,22 @@ class ForecastTask:
         return forecast_loss(output, *targets)
 
     def metrics(self, output: Tensor, *targets: Tensor) -> dict[str, Tensor]:
-        return forecast_metrics(output, *targets, horizons=self.horizons)
+        return forecast_metrics(output, *targets, horizons=self.horizons, mape=self.mape)
 
     def finalize(self, sums: Mapping[str, float]) -> dict[str, float]:
         return forecast_finalize(sums, self.horizons)
+
+    def naive_baselines(self) -> dict[str, dict[str, float]]:
+        """Test metrics of the naive forecasts (``persistence``, ``seasonal_naive`` when the task
+        has a season, ``train_mean``), each metric averaged over clients as the engines average the
+        methods' ``test_*`` metrics: ``{"persistence": {"test_mse": …, …}, …}``."""
+        out = {}
+        for name in NAIVE_BASELINES:
+            rows = [self.finalize(p.baseline_sums[name]) for p in self._prepared if name in p.baseline_sums]
+            if rows:
+                out[name] = {f"test_{k}": float(np.mean(v)) if (v := [r[k] for r in rows if math.isfinite(r[k])]) else float("nan")
+                             for k in rows[0]}
+        return out
 
     # -- per-client attributes ------------------------------------------------------------------
 
@@ -502,14 +491,18 @@ class ForecastTask:
 
 def build_task(name: str, series: Sequence[ClientSeries], *, num_steps: int, fractions, input_len: int,
                output_len: int, stride: int, max_windows: int | None, model: str, hidden: int, seed: int,
-               adjacency: Tensor | None, coordinates: np.ndarray | None, client_names: Sequence[str]) -> ForecastTask:
-    """Split the common time axis, prepare every client, and wrap them in a :class:`ForecastTask`."""
+               adjacency: Tensor | None, coordinates: np.ndarray | None, client_names: Sequence[str],
+               season: int | None = None, seasonal_lags: Sequence[int] = (), mape: bool = True) -> ForecastTask:
+    """Split the common time axis, add the seasonal lag inputs (:func:`add_seasonal_lags`), prepare
+    every client (naive baselines with ``season`` steps), and wrap them in a :class:`ForecastTask`."""
     bounds = split_bounds(num_steps, fractions)
     validate_split_options(num_steps, bounds, input_len, output_len, f"task {name!r}")
     prepared = []
     for cname, s in zip(client_names, series):
+        s = add_seasonal_lags(s, seasonal_lags, output_len)
         try:
-            prepared.append(prepare_client(s, bounds, input_len, output_len, stride, max_windows))
+            prepared.append(prepare_client(s, bounds, input_len, output_len, stride, max_windows,
+                                           season=season, mape=mape))
         except ForecastDataError as exc:
             raise ForecastDataError(f"task {name!r}, client {cname!r}: {exc}") from None
     starts = {k: window_starts(*b, input_len, output_len, stride, max_windows)
@@ -517,47 +510,7 @@ def build_task(name: str, series: Sequence[ClientSeries], *, num_steps: int, fra
     return ForecastTask(name, prepared, target_names=series[0].target_names, input_len=input_len,
                         output_len=output_len, model=model, hidden=hidden, seed=seed, adjacency=adjacency,
                         coordinates=coordinates, client_names=client_names, window_starts=starts,
-                        bounds=bounds, num_steps=num_steps)
-
-
-# -- option validation helpers (shared by TrafficOptions / WeatherOptions) -----------------------
-
-def _is_int(value) -> bool:
-    return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
-
-
-def check_int(options, key: str, low: int, allow_none: bool = False) -> None:
-    value = getattr(options, key)
-    if value is None and allow_none:
-        return
-    if not _is_int(value) or value < low:
-        raise ValueError(f"task option {key}={value!r} must be an integer >= {low}" + (" or omitted" if allow_none else ""))
-
-
-def check_choice(options, key: str, allowed: Sequence[str]) -> None:
-    value = getattr(options, key)
-    if value not in allowed:
-        raise ValueError(f"task option {key}={value!r} is not allowed; choose one of {', '.join(allowed)}")
-
-
-def check_path(options, key: str) -> None:
-    value = getattr(options, key)
-    if value is not None and not isinstance(value, (str, Path)):
-        raise ValueError(f"task option {key}={value!r} must be a path string or omitted")
-
-
-def check_fractions(options) -> None:
-    values = []
-    for key in ("train_fraction", "val_fraction", "test_fraction"):
-        v = getattr(options, key)
-        if not isinstance(v, (int, float)) or isinstance(v, bool) or not (0 < v < 1):
-            raise ValueError(f"task option {key}={v!r} must be a number in (0, 1)")
-        values.append(float(v))
-    if abs(sum(values) - 1.0) > 1e-6:
-        raise ValueError(
-            f"task options train_fraction + val_fraction + test_fraction must sum to 1, got "
-            f"{values[0]} + {values[1]} + {values[2]} = {sum(values):.6g}"
-        )
+                        bounds=bounds, num_steps=num_steps, mape=mape, season_steps=season)
 
 
 def require_data_dir(options, task: str) -> Path:

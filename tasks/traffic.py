@@ -7,7 +7,7 @@ Data (``TrafficOptions.data_dir``), two layouts:
   first column named ``time``/``timestamp``/``date``/``datetime`` or with an empty header cell is
   read as timestamps), ``los_adj.csv`` (N×N, no header), optional ``graph_sensor_locations.csv``.
 * ``h5`` — the DCRNN METR-LA / PEMS-BAY files: ``metr-la.h5`` / ``pems-bay.h5`` (pandas fixed-format
-  frame under key ``df``; needs ``pip install h5py``) plus the adjacency as DCRNN's ``adj_mx.pkl``
+  frame under key ``df``; needs h5py: ``pip install -e '.[h5]'``) plus the adjacency as DCRNN's ``adj_mx.pkl``
   (``[sensor_ids, id_to_index, adj_mx]``), an ``.npz`` (``adj_mx`` or the first array) or a dense
   ``.csv`` (optional header row / id column, e.g. ``metr_la_adj_mx.csv``), and optionally
   ``graph_sensor_locations[_bay].csv``.
@@ -16,7 +16,11 @@ Inputs per step: speed (z-scored per sensor with its train statistics) and, with
 ``add_time_of_day``, the time of day in [0, 1) (from the timestamps when the file has them, else
 from the step index at ``steps_per_day`` steps per day starting at midnight, as Los-loop does).
 Target: the speed of the next ``output_len`` steps. Speed 0 is a detector dropout in these data
-sets and is treated as missing (see :mod:`tasks.forecasting`).
+sets and is treated as missing (see :mod:`tasks.forecasting`) — unless ``zeros_are_missing = false``:
+then 0 is a value, as in flow or passenger counts (PEMS04/PEMS08 flow, a metro closed at night),
+and MAPE (undefined at 0) is not reported; WAPE is. With ``seasonal_lags`` (e.g. ``["1D", "7D"]``)
+the inputs also hold the values one day / one week before each forecast slot
+(:func:`tasks.forecasting.add_seasonal_lags`).
 
 Clients: the first ``num_clients`` sensors in file order (all by default). Grouping several nearby
 sensors into one client is not implemented.
@@ -25,7 +29,6 @@ sensors into one client is not implemented.
 from __future__ import annotations
 
 import csv
-import pickle
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
@@ -34,21 +37,11 @@ import numpy as np
 
 from shn.registry import TASKS
 from tasks.forecast_models import FORECAST_MODELS
-from tasks.forecasting import (
-    ClientSeries,
-    ForecastDataError,
-    ForecastTask,
-    build_task,
-    check_choice,
-    check_fractions,
-    check_int,
-    check_path,
-    read_numeric_columns,
-    read_text,
-    require_data_dir,
-    split_header,
-    symmetrize_adjacency,
-)
+from tasks.client_graph import align_adjacency, is_float, norm_id, read_adjacency, symmetrize_adjacency
+from tasks.forecasting import ClientSeries, ForecastDataError, ForecastTask, build_task, require_data_dir
+from tasks.options import check_bool, check_choice, check_fractions, check_int, check_path
+from tasks.tables import read_numeric_columns, read_text, split_header
+from tasks.timeaxis import DAY, infer_step, lag_steps, parse_duration, season_steps
 
 __all__ = ["TrafficOptions", "SpeedTable", "make_traffic", "read_speed_csv", "read_speed_h5", "read_adjacency",
            "read_locations", "load_traffic"]
@@ -77,6 +70,11 @@ class TrafficOptions:
         model: ``"gru"`` or ``"mlp"``; hidden: its width.
         stride: step between window starts.
         max_windows: keep at most this many windows per split and client (evenly spaced).
+        zeros_are_missing: a value of 0 is a dropout (speed data); false for counts.
+        seasonal_lags: durations (``"1D"``, ``"7D"``) whose lagged targets are extra inputs; each
+            at least ``output_len`` steps.
+        seasonal_period: season of the seasonal naive baseline: ``"auto"`` (one day), ``"none"``
+            or a duration.
     """
 
     data_dir: str | None = None
@@ -96,8 +94,17 @@ class TrafficOptions:
     hidden: int = 32
     stride: int = 1
     max_windows: int | None = None
+    zeros_are_missing: bool = True
+    seasonal_lags: tuple[str, ...] = ()
+    seasonal_period: str = "auto"
 
     def __post_init__(self) -> None:
+        check_bool(self, "zeros_are_missing")
+        object.__setattr__(self, "seasonal_lags", tuple(self.seasonal_lags))
+        for lag in self.seasonal_lags:
+            parse_duration(lag, "seasonal_lags")
+        if self.seasonal_period not in ("auto", "none"):
+            parse_duration(self.seasonal_period, "seasonal_period")
         check_choice(self, "format", TRAFFIC_FORMATS)
         check_choice(self, "model", FORECAST_MODELS)
         for key in ("data_dir", "speed_file", "adjacency_file", "locations_file"):
@@ -122,18 +129,6 @@ class SpeedTable:
     path: Path
 
 
-def _norm_id(value) -> str:
-    """Sensor ids as strings: bytes decoded, ``"773869.0"`` → ``"773869"``."""
-    if isinstance(value, bytes):
-        value = value.decode("utf-8", "replace")
-    if isinstance(value, (float, np.floating)) and float(value).is_integer():
-        value = int(value)
-    s = str(value).strip().strip('"')
-    if s.endswith(".0") and s[:-2].lstrip("-").isdigit():
-        s = s[:-2]
-    return s
-
-
 def _parse_times(path: Path, values: list[str]) -> np.ndarray | None:
     try:
         return np.array([v.strip().strip('"').replace(" ", "T") for v in values], dtype="datetime64[s]")
@@ -152,7 +147,7 @@ def read_speed_csv(path: str | Path) -> SpeedTable:
     data_cols = list(range(1 if has_time else 0, len(header)))
     if not data_cols:
         raise ForecastDataError(f"{path}: expected a header row of sensor ids, got {header!r}")
-    ids = tuple(_norm_id(h) for h in (header[c] for c in data_cols))
+    ids = tuple(norm_id(h) for h in (header[c] for c in data_cols))
     if len(set(ids)) != len(ids):
         raise ForecastDataError(f"{path}: duplicate sensor ids in the header")
     lines = [ln for ln in body.splitlines() if ln.strip()]
@@ -179,7 +174,7 @@ def _frame_from_hdf_group(get: Callable[[str], np.ndarray | None], path: Path) -
             f"{path}: expected a pandas fixed-format frame (datasets axis0, axis1, block0_items, "
             "block0_values under key 'df'); re-save it with DataFrame.to_hdf(path, key='df', format='fixed')"
         )
-    ids = [_norm_id(c) for c in np.asarray(columns).ravel()]
+    ids = [norm_id(c) for c in np.asarray(columns).ravel()]
     n_rows = None if index is None else int(np.asarray(index).shape[0])
     table = np.full((n_rows or 0, len(ids)), np.nan)
     col_of = {c: i for i, c in enumerate(ids)}
@@ -187,7 +182,7 @@ def _frame_from_hdf_group(get: Callable[[str], np.ndarray | None], path: Path) -
     b = 0
     while (values := get(f"block{b}_values")) is not None:
         items = get(f"block{b}_items")
-        items = ids if items is None and b == 0 else [_norm_id(c) for c in np.asarray(items).ravel()]
+        items = ids if items is None and b == 0 else [norm_id(c) for c in np.asarray(items).ravel()]
         values = np.asarray(values)
         if values.ndim != 2:
             raise ForecastDataError(f"{path}: block{b}_values has shape {values.shape}, expected 2-D")
@@ -229,7 +224,7 @@ def read_speed_h5(path: str | Path) -> SpeedTable:
     except ImportError:
         raise ForecastDataError(
             f"{path}: reading .h5 speed tables needs the optional package h5py; install it with "
-            "`pip install h5py` (or export the table to CSV and use format='losloop')"
+            "`pip install h5py` or the extra `pip install -e '.[h5]'` (or export the table to CSV and use format='losloop')"
         ) from None
     try:
         with h5py.File(path, "r") as f:
@@ -241,104 +236,6 @@ def read_speed_h5(path: str | Path) -> SpeedTable:
             return _frame_from_hdf_group(lambda name: group[name][()] if name in group else None, path)
     except OSError as exc:
         raise ForecastDataError(f"{path}: not a readable HDF5 file ({exc})") from None
-
-
-# -- adjacency ------------------------------------------------------------------------------------
-
-def _is_float(cell: str) -> bool:
-    try:
-        float(cell)
-        return True
-    except ValueError:
-        return False
-
-
-def _adjacency_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
-    rows = [r for r in csv.reader(read_text(path).splitlines()) if r]
-    if not rows:
-        raise ForecastDataError(f"{path}: empty adjacency file, expected an N x N matrix")
-    # Which of (no header, no id column), (header + id column), (header) leaves a square
-    # all-numeric body. (Ids may be numbers, so a header is recognised by shape, not content.)
-    for h, c in ((0, 0), (1, 1), (1, 0)):
-        body = [r[c:] for r in rows[h:]]
-        n = len(body)
-        if n and len(rows[0]) - c == n and all(len(r) == n for r in body) and all(_is_float(x) for r in body for x in r):
-            matrix = np.array(body, dtype=np.float64)
-            return matrix, ([_norm_id(x) for x in rows[0][c:]] if h else None)
-    widths = sorted({len(r) for r in rows})
-    raise ForecastDataError(
-        f"{path}: expected a square numeric N x N adjacency (optionally with a header row of sensor ids, "
-        f"or a header row and a first id column); got {len(rows)} rows of {widths} columns"
-        + ("" if len(widths) == 1 else " (rows differ in length)")
-        + " or non-numeric cells"
-    )
-
-
-def read_adjacency(path: str | Path) -> tuple[np.ndarray, list[str] | None]:
-    """``(matrix [N, N], sensor ids or None)`` from ``.csv``, ``.npz`` or DCRNN ``.pkl``.
-
-    Pickles can run code when loaded: only load ``.pkl`` files you trust.
-    """
-    path = Path(path)
-    if not path.is_file():
-        raise ForecastDataError(f"{path}: adjacency file not found")
-    suffix = path.suffix.lower()
-    ids = None
-    if suffix in (".csv", ".txt") or path.name.endswith(".csv.gz"):
-        matrix, ids = _adjacency_csv(path)
-    elif suffix == ".npz":
-        try:
-            with np.load(path, allow_pickle=False) as z:
-                keys = list(z.keys())
-                if not keys:
-                    raise ForecastDataError(f"{path}: empty .npz, expected an array 'adj_mx'")
-                key = next((k for k in ("adj_mx", "adj", "adjacency", "A") if k in keys), keys[0])
-                matrix = np.asarray(z[key])
-        except (OSError, ValueError) as exc:
-            raise ForecastDataError(f"{path}: not a readable .npz ({exc})") from None
-    elif suffix in (".pkl", ".pickle"):
-        try:
-            with open(path, "rb") as fh:
-                obj = pickle.load(fh, encoding="latin1")
-        except Exception as exc:  # noqa: BLE001 - any unpickling failure is a data error here
-            raise ForecastDataError(f"{path}: cannot unpickle ({type(exc).__name__}: {exc})") from None
-        if isinstance(obj, (list, tuple)) and len(obj) == 3:
-            ids = [_norm_id(s) for s in obj[0]]
-            matrix = np.asarray(obj[2])
-        elif isinstance(obj, np.ndarray):
-            matrix = obj
-        else:
-            raise ForecastDataError(
-                f"{path}: expected DCRNN's pickle [sensor_ids, id_to_index, adj_mx] or an array, got {type(obj).__name__}"
-            )
-    else:
-        raise ForecastDataError(f"{path}: unknown adjacency format {suffix!r}; expected .csv, .npz or .pkl")
-    try:
-        matrix = np.asarray(matrix, dtype=np.float64)
-    except (TypeError, ValueError):
-        raise ForecastDataError(f"{path}: adjacency is not numeric") from None
-    if matrix.ndim != 2 or matrix.shape[0] != matrix.shape[1]:
-        raise ForecastDataError(f"{path}: adjacency must be square N x N, got shape {matrix.shape}")
-    if not np.all(np.isfinite(matrix)) or np.any(matrix < 0):
-        raise ForecastDataError(f"{path}: adjacency must have finite, non-negative entries")
-    if ids is not None and len(ids) != matrix.shape[0]:
-        raise ForecastDataError(f"{path}: {len(ids)} sensor ids for a {matrix.shape[0]} x {matrix.shape[0]} matrix")
-    return matrix, ids
-
-
-def align_adjacency(matrix: np.ndarray, ids: list[str] | None, sensor_ids: tuple[str, ...], path: Path) -> np.ndarray:
-    """Reorder ``matrix`` to ``sensor_ids`` (when it names its sensors) and check its size."""
-    n = len(sensor_ids)
-    if matrix.shape[0] != n:
-        raise ForecastDataError(f"{path}: adjacency is {matrix.shape[0]} x {matrix.shape[0]}, but the speed table has {n} sensors")
-    if ids is None or list(ids) == list(sensor_ids):
-        return matrix
-    pos = {s: i for i, s in enumerate(ids)}
-    missing = [s for s in sensor_ids if s not in pos]
-    if missing:
-        raise ForecastDataError(f"{path}: adjacency lacks sensors {missing[:5]} of the speed table")
-    order = np.array([pos[s] for s in sensor_ids])
-    return matrix[np.ix_(order, order)]
 
 
 def read_locations(path: str | Path, sensor_ids: tuple[str, ...]) -> np.ndarray:
@@ -356,7 +253,7 @@ def read_locations(path: str | Path, sensor_ids: tuple[str, ...]) -> np.ndarray:
 
     i_id, i_lat, i_lon = find("sensor_id", "id", "sensor"), find("latitude", "lat"), find("longitude", "lon", "lng")
     if None in (i_id, i_lat, i_lon):
-        if len(rows[0]) == 3 and _is_float(rows[0][1]) and _is_float(rows[0][2]):
+        if len(rows[0]) == 3 and is_float(rows[0][1]) and is_float(rows[0][2]):
             i_id, i_lat, i_lon, rows = 0, 1, 2, rows
         else:
             raise ForecastDataError(f"{path}: expected columns sensor_id, latitude, longitude, got {rows[0]}")
@@ -365,7 +262,7 @@ def read_locations(path: str | Path, sensor_ids: tuple[str, ...]) -> np.ndarray:
     loc = {}
     for k, r in enumerate(rows):
         try:
-            loc[_norm_id(r[i_id])] = (float(r[i_lat]), float(r[i_lon]))
+            loc[norm_id(r[i_id])] = (float(r[i_lat]), float(r[i_lon]))
         except (IndexError, ValueError):
             raise ForecastDataError(f"{path}: row {k + 2} is not 'sensor_id, latitude, longitude' numbers: {r}") from None
     missing = [s for s in sensor_ids if s not in loc]
@@ -465,9 +362,10 @@ def make_traffic_task(options: TrafficOptions, *, seed: int, table: SpeedTable, 
             targets=speeds[:, j:j + 1],
             input_names=("speed", "time_of_day")[: len(cols)],
             target_names=("speed",),
-            input_zero_is_missing=np.array([True] + [False] * (len(cols) - 1)),
-            target_zero_is_missing=np.array([True]),
+            input_zero_is_missing=np.array([options.zeros_are_missing] + [False] * (len(cols) - 1)),
+            target_zero_is_missing=np.array([options.zeros_are_missing]),
         ))
+    season, lags = _seasons(options, table)
     adj = symmetrize_adjacency(adjacency[:n, :n])
     coords = None if coordinates is None else coordinates[:n]
     return build_task(
@@ -476,7 +374,26 @@ def make_traffic_task(options: TrafficOptions, *, seed: int, table: SpeedTable, 
         input_len=options.input_len, output_len=options.output_len, stride=options.stride,
         max_windows=options.max_windows, model=options.model, hidden=options.hidden, seed=seed,
         adjacency=adj, coordinates=coords, client_names=table.sensor_ids[:n],
+        season=season, seasonal_lags=lags, mape=options.zeros_are_missing,
     )
+
+
+def _seasons(options: TrafficOptions, table: SpeedTable) -> tuple[int | None, tuple[int, ...]]:
+    """(season of the seasonal naive baseline, seasonal lags) in steps of the table's time step:
+    its timestamps' step, else a day / ``steps_per_day``."""
+    if table.timestamps is not None:
+        step = infer_step(table.timestamps, str(table.path))
+    elif DAY % options.steps_per_day == 0:
+        step = DAY // options.steps_per_day
+    elif options.seasonal_period == "auto" and not options.seasonal_lags:
+        return options.steps_per_day, ()
+    else:
+        raise ValueError(f"task option steps_per_day={options.steps_per_day} does not divide a day into whole "
+                         "seconds, so durations cannot be turned into steps; set seasonal_period = \"none\" and no seasonal_lags")
+    try:
+        return season_steps(options.seasonal_period, step), lag_steps(options.seasonal_lags, step)
+    except ValueError as exc:
+        raise ValueError(f"{exc} (the time step of {table.path})") from None
 
 
 @TASKS.register("traffic", TrafficOptions)

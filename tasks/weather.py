@@ -28,8 +28,9 @@ beijing_multisite_air_quality``: ``PRSA_Data_<Station>_20130301-20170228.csv.gz`
   unweighted, zero diagonal.
 
 Defaults: ``input_len = 24`` (one diurnal cycle of context — temperature is dominated by the daily
-cycle, which 12 hours do not cover), ``output_len = 12``. MAPE is reported but is not meaningful for
-temperatures near 0 °C; use MAE/RMSE.
+cycle, which 12 hours do not cover), ``output_len = 12``. MAPE is not reported (it is not meaningful
+for temperatures near 0 °C); WAPE, MAE and RMSE are. ``seasonal_lags`` (e.g. ``["1D"]``) add the
+targets one day before each forecast slot as inputs; the seasonal naive baseline uses one day.
 """
 
 from __future__ import annotations
@@ -60,6 +61,7 @@ from tasks.forecasting import (
     split_bounds,
     split_header,
 )
+from tasks.timeaxis import lag_steps, parse_duration, season_steps
 
 __all__ = ["WeatherOptions", "StationData", "make_weather", "read_stations", "read_station_file",
            "match_station_files", "load_weather", "COMPASS_DEGREES"]
@@ -102,6 +104,9 @@ class WeatherOptions:
         stride: step between window starts; max_windows: cap per split and client (evenly spaced).
         model: ``"gru"`` or ``"mlp"``; hidden: its width.
         graph_k: neighbours per station in the haversine kNN relation graph.
+        seasonal_lags: durations (``"1D"``, ``"7D"``) whose lagged targets are extra inputs.
+        seasonal_period: season of the seasonal naive baseline (``"auto"`` = one day, ``"none"``,
+            or a duration).
     """
 
     data_dir: str | None = None
@@ -121,8 +126,15 @@ class WeatherOptions:
     model: str = "gru"
     hidden: int = 32
     graph_k: int = 3
+    seasonal_lags: tuple[str, ...] = ()
+    seasonal_period: str = "auto"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "seasonal_lags", tuple(self.seasonal_lags))
+        for lag in self.seasonal_lags:
+            parse_duration(lag, "seasonal_lags")
+        if self.seasonal_period not in ("auto", "none"):
+            parse_duration(self.seasonal_period, "seasonal_period")
         object.__setattr__(self, "target_vars", _as_names(self.target_vars, "target_vars", allow_empty=False))
         object.__setattr__(self, "input_vars", _as_names(self.input_vars, "input_vars", allow_empty=True))
         if "wd" in self.target_vars:
@@ -412,6 +424,8 @@ def make_weather_task(options: WeatherOptions, *, seed: int, stations: list[Stat
         input_len=options.input_len, output_len=options.output_len, stride=options.stride,
         max_windows=options.max_windows, model=options.model, hidden=options.hidden, seed=seed,
         adjacency=adjacency, coordinates=coords, client_names=[st.name for st in stations],
+        season=season_steps(options.seasonal_period, 3600), seasonal_lags=lag_steps(options.seasonal_lags, 3600),
+        mape=False,
     )
 
 
