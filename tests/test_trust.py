@@ -1,0 +1,213 @@
+"""Hostile inputs II (issue 15): files received from others cannot run code (checkpoints), a
+checkpoint of the wrong shape or a full disk is one line, a diverged run stops, JSON output is
+strict, and one client cannot crash or own the server (example counts, client ids).
+
+Flower replies are tested in test_flower.py, sweeps in test_sweep.py, pickle data formats in
+test_datasets.py / test_forecasting.py."""
+
+from __future__ import annotations
+
+import errno
+import json
+import math
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from shn.cli import main
+from shn.config import ServerConfig, ValidationConfig, config_from_dict, dumps_toml
+from shn.federated.records import CheckpointError, WriteError, dumps_json, load_checkpoint, save_checkpoint
+from shn.federated.simulation import DivergedError, write_summary
+from shn.runner import build, load_run, run
+from tests.conftest import state_hash, with_changes
+
+TINY = {"seed": 0, "rounds": 2, "clients_per_round": 3, "eval_every": 1, "checkpoint_every": 1,
+        "task": {"name": "digits", "num_clients": 4, "model": "mlp"}, "local": {"steps": 1, "batch_size": 16}}
+
+
+def _strict_json(text: str):
+    def refuse(name):
+        raise ValueError(f"non-standard JSON constant {name}")
+
+    return json.loads(text, parse_constant=refuse)
+
+
+class _Marker:
+    """Unpickling this creates the file ``path``: what a crafted checkpoint would do."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+@pytest.fixture
+def finished_run(tmp_path):
+    """A 2-round run directory with config.toml, checkpoints and summary."""
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(dumps_toml(TINY))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(run_dir), "--no-progress"]) == 0
+    return cfg, run_dir
+
+
+# -- 1: checkpoints cannot run code ---------------------------------------------------------------
+
+def test_crafted_checkpoint_is_refused_and_runs_no_code(finished_run, capsys):
+    cfg, run_dir = finished_run
+    marker = run_dir.parent / "pwned"
+    (run_dir / "checkpoint.prev.pt").unlink()
+    torch.save({"round": 1, "payload": _Marker(marker)}, run_dir / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--out", str(run_dir), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "checkpoint.pt" in err and "refused" in err and "run code" in err
+    with pytest.raises(CheckpointError, match="refused"):
+        load_run(run_dir)
+    assert not marker.exists()
+
+
+def test_crafted_newest_checkpoint_falls_back_to_the_previous_one(finished_run, caplog):
+    _, run_dir = finished_run
+    marker = run_dir.parent / "pwned"
+    torch.save({"round": 9, "payload": _Marker(marker)}, run_dir / "checkpoint.pt")
+    state = load_checkpoint(run_dir)
+    assert state["round"] == 1 and not marker.exists()
+    assert (run_dir / "checkpoint.pt.corrupt").exists()
+    assert any("refused" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("method", ["pfedhn", "fedavg", "fedper", "local", "shn"])
+def test_every_method_checkpoint_is_plain_data_and_resumes_exactly(tmp_path, method):
+    data = with_changes(TINY, method=method, rounds=3, **{"graph.kind": "complete", "server.optimizer": "adam"})
+    cfg = config_from_dict(data)
+    ref = run(cfg, progress=False)
+
+    class Crash(Exception):
+        pass
+
+    def crash(r, record):
+        if r == 2:
+            raise Crash
+
+    with pytest.raises(Crash):
+        run(cfg, run_dir=tmp_path, progress=False, on_eval=crash)
+    torch.load(tmp_path / "checkpoint.pt", weights_only=True)  # raises if anything is not plain data
+    got = run(cfg, run_dir=tmp_path, resume=True, progress=False)
+    assert state_hash(got.algorithm.state_dict()) == state_hash(ref.algorithm.state_dict())
+
+
+def test_save_converts_numpy_and_paths_and_refuses_objects(tmp_path):
+    save_checkpoint(tmp_path, {"round": 1, "a": np.float32(2.5), "b": np.arange(3), "p": tmp_path,
+                               "param": torch.nn.Parameter(torch.ones(2))})
+    state = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    assert state["a"] == 2.5 and torch.equal(state["b"], torch.arange(3)) and state["p"] == str(tmp_path)
+    assert type(state["param"]) is torch.Tensor
+    with pytest.raises(TypeError, match=r"state\['x'\]: a object"):
+        save_checkpoint(tmp_path, {"round": 2, "x": object()})
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["round"] == 1
+
+
+# -- 13: a checkpoint of the wrong structure --------------------------------------------------------
+
+@pytest.mark.parametrize("state, expected", [
+    ({"round": 3}, "'elapsed' is missing"),
+    ({"round": 3, "elapsed": 1.0, "algorithm": [], "personal": {}, "rejections": {}, "history": [],
+      "per_client": {}, "failed": 0, "train_losses": []}, "'algorithm' should be a dict"),
+    ({"round": -1}, "'round' should be a non-negative integer"),
+])
+def test_wrong_structure_checkpoint_is_one_line_exit_2(finished_run, capsys, state, expected):
+    cfg, run_dir = finished_run
+    (run_dir / "checkpoint.prev.pt").unlink()
+    torch.save(state, run_dir / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--out", str(run_dir), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and expected in err and "checkpoint.pt" in err
+    with pytest.raises(CheckpointError, match=expected.replace("(", r"\(")):
+        load_run(run_dir)
+
+
+def test_checkpoint_of_another_model_is_one_line(finished_run, capsys):
+    cfg, run_dir = finished_run
+    state = torch.load(run_dir / "checkpoint.pt", weights_only=True)
+    state["algorithm"] = {"hn": {"bogus": torch.zeros(1)}}
+    (run_dir / "checkpoint.prev.pt").unlink()
+    torch.save(state, run_dir / "checkpoint.pt")
+    capsys.readouterr()
+    assert main(["run", str(cfg), "--out", str(run_dir), "--resume", "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "does not fit this run" in err
+
+
+# -- 14: a full disk -------------------------------------------------------------------------------
+
+def _failing_write(path_part: str, after: int = 0):
+    """An ``os.write`` that raises ENOSPC on files whose path contains ``path_part``, from the
+    ``after + 1``-th such file on."""
+    real = os.write
+    files: set[int] = set()
+
+    def write(fd, data):
+        if path_part in os.readlink(f"/proc/self/fd/{fd}"):
+            files.add(os.fstat(fd).st_ino)
+            if len(files) > after:
+                raise OSError(errno.ENOSPC, "No space left on device")
+        return real(fd, data)
+
+    return write
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/fd")
+def test_disk_full_during_checkpoint_is_one_line_and_leaves_no_tmp(tmp_path, monkeypatch, capsys):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(dumps_toml(with_changes(TINY, rounds=3)))
+    run_dir = tmp_path / "run"
+    monkeypatch.setattr("shn.federated.records.os.write", _failing_write("checkpoint.pt.tmp", after=1))
+    assert main(["run", str(cfg), "--out", str(run_dir), "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "No space left on device" in err and "checkpoint" in err
+    assert not list(run_dir.glob("*.tmp"))
+    monkeypatch.undo()
+    assert load_checkpoint(run_dir)["round"] == 1  # the good checkpoint survived
+
+
+def test_disk_full_on_any_run_file_leaves_no_tmp(tmp_path, monkeypatch):
+    def full(fd, data):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("shn.federated.records.os.write", full)
+    with pytest.raises(WriteError, match="No space left"):
+        write_summary(tmp_path, {"a": 1})
+    with pytest.raises(WriteError, match="No space left"):
+        save_checkpoint(tmp_path, {"round": 1})
+    assert list(tmp_path.iterdir()) == []
+
+
+# -- 20: diverged runs stop; JSON is strict -------------------------------------------------------
+
+def test_diverged_run_stops_with_one_line_and_nonzero_exit(tmp_path, capsys):
+    cfg = tmp_path / "cfg.toml"
+    cfg.write_text(dumps_toml(with_changes(TINY, method="pfedhn", rounds=3, **{"server.lr": 1e30})))
+    run_dir = tmp_path / "run"
+    assert main(["run", str(cfg), "--out", str(run_dir), "--no-progress"]) == 1
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "diverged" in err and "non-finite" in err
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    records = [_strict_json(x) for x in lines]
+    assert any(r.get("val_loss") is None for r in records)  # the diverged record, non-finite as null
+    assert not (run_dir / "summary.json").exists()
+    with pytest.raises(DivergedError):
+        run(config_from_dict(with_changes(TINY, method="pfedhn", **{"server.lr": 1e30})), progress=False)
+
+
+def test_json_outputs_are_strict(tmp_path):
+    write_summary(tmp_path, {"metrics": {"a": math.nan, "b": math.inf, "c": 1.5}, "per_client": {"0": [-math.inf]}})
+    data = _strict_json((tmp_path / "summary.json").read_text())
+    assert data == {"metrics": {"a": None, "b": None, "c": 1.5}, "per_client": {"0": [None]}}
+    assert _strict_json(dumps_json({"x": np.float32("nan")})) == {"x": None}
