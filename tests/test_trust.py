@@ -211,3 +211,107 @@ def test_json_outputs_are_strict(tmp_path):
     data = _strict_json((tmp_path / "summary.json").read_text())
     assert data == {"metrics": {"a": None, "b": None, "c": 1.5}, "per_client": {"0": [None]}}
     assert _strict_json(dumps_json({"x": np.float32("nan")})) == {"x": None}
+
+
+# -- 4, 5: claimed example counts ---------------------------------------------------------------
+
+def _server_and_delta(method: str = "fedavg", **server_kwargs):
+    from shn.federated.server import Server
+
+    built = build(config_from_dict(with_changes(TINY, method=method)))
+    spec = built.algorithm.server_spec
+    delta = lambda scale=0.01, seed=0: {  # noqa: E731
+        n: scale * torch.randn(s, generator=torch.Generator().manual_seed(seed)) for n, s in zip(spec.names, spec.shapes)}
+    return Server(built.algorithm, built.config.validation, clients=range(4), **server_kwargs), delta
+
+
+@pytest.mark.parametrize("count", [2**63, 2**64 - 1, np.uint64(2**64 - 1), np.uint64(2**63), 10**30, 1e30,
+                                   10**9 + 1, 3.0, True, np.bool_(True), torch.tensor(2**62), "5", None, -3, 0])
+def test_bad_example_counts_are_rejected_with_a_reason_not_raised(count, caplog):
+    server, delta = _server_and_delta()
+    before = state_hash(server.algorithm.state_dict())
+    metrics = server.receive(1, [0, 1], [delta(), delta(seed=1)], [count, count])
+    assert metrics["accepted"] == 0 and metrics["rejected"] == 2
+    assert state_hash(server.algorithm.state_dict()) == before
+    assert all("example count" in r.reason for r in server.rejections.by_round[1])
+
+
+@pytest.mark.parametrize("count", [1, 10**9, np.uint64(7), np.int32(7), torch.tensor(7)])
+def test_integer_counts_up_to_the_bound_are_accepted(count):
+    server, delta = _server_and_delta()
+    assert server.receive(1, [0], [delta()], [count])["accepted"] == 1
+
+
+def test_one_client_cannot_own_the_fedavg_mean_beyond_the_bound():
+    """Weights are the claimed counts, each at most max_examples: a liar at the bound weighs
+    max_examples / (max_examples + honest counts), and a smaller bound shrinks that."""
+    liar, delta = _server_and_delta(max_examples=100)
+    honest, _ = _server_and_delta(max_examples=100)
+    bad, good = delta(scale=0.5, seed=1), delta(seed=2)
+    assert liar.receive(1, [0, 1], [bad, good], [2**62, 100])["rejected"] == 1
+    honest.receive(1, [1], [good], [100])
+    assert state_hash(liar.algorithm.state_dict()) == state_hash(honest.algorithm.state_dict())
+    assert liar.max_examples == 100
+
+
+def test_outlying_counts_are_logged(caplog):
+    server, delta = _server_and_delta()
+    server.receive(1, [0, 1, 2], [delta(seed=i) for i in range(3)], [10, 12, 10**6])
+    assert any("client 2 claims 1000000 examples" in r.getMessage() for r in caplog.records)
+
+
+# -- 6: client ids (Python API) ----------------------------------------------------------------
+
+@pytest.mark.parametrize("method", ["pfedhn", "fedavg"])
+@pytest.mark.parametrize("ids, reason", [
+    ([-1, 0], "not a training client"),
+    ([999, 0], "not a training client"),
+    ([1, 1], "appears 2 times"),
+    ([1.0, 0], "not an integer"),
+    ([True, 0], "not an integer"),
+    (["1", 0], "not an integer"),
+])
+def test_forged_client_ids_are_rejected_and_counted(method, ids, reason):
+    server, delta = _server_and_delta(method)
+    alone, _ = _server_and_delta(method)
+    metrics = server.receive(1, ids, [delta(seed=1), delta(seed=2)], [10, 10])
+    bad = [r for r in server.rejections.by_round[1] if reason in r.reason]
+    assert bad and metrics["rejected"] == len(server.rejections.by_round[1])
+    if ids[1] == 0:  # the honest client 0 is applied exactly as on its own
+        alone.receive(1, [0], [delta(seed=2)], [10])
+        assert metrics["accepted"] == 1
+        assert state_hash(server.algorithm.state_dict()) == state_hash(alone.algorithm.state_dict())
+    else:  # a repeated id: every copy rejected, nothing applied
+        assert metrics["accepted"] == 0
+        assert state_hash(server.algorithm.state_dict()) == state_hash(alone.algorithm.state_dict())
+
+
+@pytest.mark.parametrize("counts", [([0, 1, 2], 2, 3), ([0, 1], 3, 2), ([0, 1], 2, 1)])
+def test_mismatched_lengths_reject_the_whole_round(counts):
+    clients, n_deltas, n_counts = counts
+    server, delta = _server_and_delta("pfedhn")
+    before = state_hash(server.algorithm.state_dict())
+    metrics = server.receive(1, clients, [delta(seed=i) for i in range(n_deltas)], [10] * n_counts)
+    assert metrics["accepted"] == 0 and metrics["rejected"] == len(clients)
+    assert all("ambiguous" in r.reason for r in server.rejections.by_round[1])
+    assert state_hash(server.algorithm.state_dict()) == before
+
+
+def test_hypernetwork_server_without_a_pool_knows_its_clients():
+    from shn.federated.server import Server
+
+    built = build(config_from_dict(with_changes(TINY, method="pfedhn")))
+    server = Server(built.algorithm, ValidationConfig())
+    spec = built.algorithm.server_spec
+    d = {n: torch.zeros(s) for n, s in zip(spec.names, spec.shapes)}
+    assert server.receive(1, [4], [d], [5])["rejected"] == 1  # 4 clients: ids 0..3
+
+
+def test_held_out_novel_clients_cannot_send_updates():
+    from shn.federated.simulation import Simulation
+
+    built = build(config_from_dict(with_changes(TINY, method="pfedhn")))
+    sim = Simulation(built.config, built.algorithm, built.runtime, pool=[0, 1, 2], progress=False)
+    spec = built.algorithm.server_spec
+    d = {n: torch.zeros(s) for n, s in zip(spec.names, spec.shapes)}
+    assert sim.server.receive(1, [3], [d], [5])["rejected"] == 1

@@ -88,8 +88,8 @@ class Simulation:
         self.config = config
         self.algorithm = algorithm
         self.runtime = runtime
-        self.server = Server(algorithm, config.validation)
         self.pool = list(range(runtime.task.num_clients)) if pool is None else [int(c) for c in pool]
+        self.server = Server(algorithm, config.validation, clients=self.pool)  # only training clients send updates
         self.sampler = ClientSampler(config.seed, self.pool, config.clients_per_round)
         self.run_dir = run_dir
         self.progress = progress

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import logging
 import math
+from collections import Counter
 from dataclasses import dataclass, field
-from typing import Mapping
+from typing import Collection, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -15,10 +16,14 @@ from shn.target import ParamSpec
 
 log = logging.getLogger("shn.validation")
 
+# The largest example count a client may claim. FedAvg weights updates by the claimed counts, so
+# this bounds how much one client can weigh against the others (see Server.receive).
+MAX_EXAMPLES = 10**9
+
 
 @dataclass(frozen=True)
 class Rejection:
-    client: int
+    client: int | str  # the id as sent when it is not a valid client id
     reason: str
 
 
@@ -30,7 +35,7 @@ class RejectionLog:
 
     def add(self, round_: int, rejection: Rejection) -> None:
         self.by_round.setdefault(round_, []).append(rejection)
-        log.warning("round %d: rejected update of client %d: %s", round_, rejection.client, rejection.reason)
+        log.warning("round %d: rejected update of client %s: %s", round_, rejection.client, rejection.reason)
 
     def count(self, round_: int | None = None) -> int:
         if round_ is not None:
@@ -44,18 +49,37 @@ class RejectionLog:
         self.by_round = {int(r): [Rejection(c, why) for c, why in v] for r, v in state.items()}
 
 
+def example_count(value: object, max_examples: int = MAX_EXAMPLES) -> int | str:
+    """A client's claimed number of training examples as an int, or the reason it is refused:
+    it must be an integer (Python, numpy or a one-element integer tensor; not a bool, not a
+    float even if whole) in ``1 … max_examples``."""
+    if isinstance(value, Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point or value.is_complex() or value.dtype == torch.bool:
+            return f"example count {value!r} is not a positive integer"
+        value = value.item()
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)):
+        return f"example count {value!r} is not a positive integer"
+    n = int(value)
+    if n <= 0:
+        return f"example count {n} is not a positive integer"
+    if n > max_examples:
+        return f"example count {n} is above the bound {max_examples} (validation max_examples)"
+    return n
+
+
 def validate_update(
     spec: ParamSpec,
     delta: Mapping[str, Tensor],
     num_examples: object,
     max_norm: float,
     dtype: torch.dtype = torch.float32,
+    max_examples: int = MAX_EXAMPLES,
 ) -> str | None:
     """The reason a single client's update must be rejected, or None if it is acceptable.
 
     ``spec`` lists exactly the tensors the server sent; the delta must match it key for key,
     shape for shape and dtype for dtype, be finite, have L2 norm ≤ ``max_norm``, and come with
-    a positive integer example count.
+    an integer example count in ``1 … max_examples`` (:func:`example_count`).
     """
     if not isinstance(delta, Mapping):
         return f"update is a {type(delta).__name__}, expected a mapping of tensors"
@@ -82,21 +106,39 @@ def validate_update(
     norm = math.sqrt(sq)
     if norm > max_norm:
         return f"norm {norm:.4g} above the bound {max_norm:.4g}"
-    if isinstance(num_examples, np.integer):
-        num_examples = int(num_examples)
-    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples <= 0:
-        if not (isinstance(num_examples, Tensor) and num_examples.numel() == 1
-                and not num_examples.dtype.is_floating_point and not num_examples.is_complex()
-                and num_examples.dtype != torch.bool and int(num_examples) > 0):
-            return f"example count {num_examples!r} is not a positive integer"
-    return None
+    n = example_count(num_examples, max_examples)
+    return n if isinstance(n, str) else None
+
+
+def check_client_ids(clients: Sequence[object], allowed: Collection[int] | None) -> dict[int, str]:
+    """``{position: reason}`` for the entries of a round's client list that are not valid ids:
+    not an integer, not one of ``allowed`` (the training clients; when None, any id ≥ 0), or
+    repeated (every copy: which one is genuine is unknown)."""
+    bad: dict[int, str] = {}
+    ids: list[int | None] = []
+    for i, c in enumerate(clients):
+        if isinstance(c, Tensor) and c.numel() == 1 and not c.dtype.is_floating_point and c.dtype != torch.bool:
+            c = c.item()
+        if isinstance(c, (bool, np.bool_)) or not isinstance(c, (int, np.integer)):
+            bad[i] = f"client id {c!r} is not an integer"
+            ids.append(None)
+            continue
+        c = int(c)
+        ids.append(c)
+        if c < 0 or (allowed is not None and c not in allowed):
+            bad[i] = f"client id {c} is not a training client of this run"
+    counts = Counter(c for c in ids if c is not None)
+    for i, c in enumerate(ids):
+        if c is not None and counts[c] > 1 and i not in bad:
+            bad[i] = f"client id {c} appears {counts[c]} times in this round"
+    return bad
 
 
 def safe_validate_update(spec: ParamSpec, delta: object, num_examples: object, max_norm: float,
-                         dtype: torch.dtype = torch.float32) -> str | None:
+                         dtype: torch.dtype = torch.float32, max_examples: int = MAX_EXAMPLES) -> str | None:
     """:func:`validate_update` for anything a client may send: an object that breaks the checks
     themselves (a mapping whose lookups raise, an exotic tensor) is rejected with that reason."""
     try:
-        return validate_update(spec, delta, num_examples, max_norm, dtype)  # type: ignore[arg-type]
+        return validate_update(spec, delta, num_examples, max_norm, dtype, max_examples)  # type: ignore[arg-type]
     except Exception as e:  # noqa: BLE001 - a malformed update must never take the server down
         return f"malformed update ({type(e).__name__}: {str(e)[:200]})"
