@@ -19,7 +19,7 @@ import pytest
 import torch
 
 from shn.cli import main
-from shn.config import ServerConfig, ValidationConfig, config_from_dict, dumps_toml
+from shn.config import ValidationConfig, config_from_dict, dumps_toml
 from shn.federated.records import CheckpointError, WriteError, dumps_json, load_checkpoint, save_checkpoint
 from shn.federated.simulation import DivergedError, write_summary
 from shn.runner import build, load_run, run
