@@ -315,3 +315,28 @@ def test_held_out_novel_clients_cannot_send_updates():
     spec = built.algorithm.server_spec
     d = {n: torch.zeros(s) for n, s in zip(spec.names, spec.shapes)}
     assert sim.server.receive(1, [3], [d], [5])["rejected"] == 1
+
+
+# -- 7: what an honest client reports is what the server expects ----------------------------------
+
+def _honest_keys(built) -> set[str]:
+    rows = built.runtime.evaluate(list(range(built.task.num_clients)),
+                                  built.algorithm.weights_for(list(range(built.task.num_clients))))
+    return {k for row in rows.values() for k in row}
+
+
+def test_expected_metric_keys_are_the_in_process_keys(tmp_path):
+    from shn.federated.validation import expected_metric_keys, validate_metrics
+    from tests.test_forecasting import _write_traffic
+
+    _write_traffic(tmp_path, n=3, steps=120)
+    traffic = {"seed": 0, "rounds": 1, "clients_per_round": 3, "method": "fedavg",
+               "task": {"name": "traffic", "data_dir": str(tmp_path), "input_len": 4, "output_len": 3}}
+    for data in (with_changes(TINY, method="fedavg"), traffic):
+        built = build(config_from_dict(data))
+        expected = expected_metric_keys(built.task, built.runtime.trainer.template_for, range(built.task.num_clients))
+        honest = _honest_keys(built)
+        assert expected == honest, data["task"]["name"]
+        rows = built.runtime.evaluate([0], built.algorithm.weights_for([0]))
+        finite = {k: v for k, v in rows[0].items() if math.isfinite(v)}
+        assert validate_metrics({**finite, "partition-id": 0}, expected, 0) is None

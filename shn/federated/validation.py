@@ -1,16 +1,18 @@
-"""Checks on every client update before it can touch the server state."""
+"""Checks on everything a client sends before it can touch the server state or the reported
+metrics: updates (delta, example count), client ids, and evaluation reports."""
 
 from __future__ import annotations
 
 import logging
 import math
+import re
 from collections import Counter
 from dataclasses import dataclass, field
-from typing import Collection, Mapping, Sequence
+from typing import Any, Callable, Collection, Mapping, Sequence
 
 import numpy as np
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 from shn.target import ParamSpec
 
@@ -142,3 +144,72 @@ def safe_validate_update(spec: ParamSpec, delta: object, num_examples: object, m
         return validate_update(spec, delta, num_examples, max_norm, dtype, max_examples)  # type: ignore[arg-type]
     except Exception as e:  # noqa: BLE001 - a malformed update must never take the server down
         return f"malformed update ({type(e).__name__}: {str(e)[:200]})"
+
+
+# -- evaluation reports (engines where clients evaluate themselves: Flower) ----------------------
+
+# Metrics with a known range, by base name (without the split prefix and a horizon suffix _hN).
+METRIC_RANGES: dict[str, tuple[float, float]] = {
+    "accuracy": (0.0, 1.0),
+    "mae": (0.0, math.inf),
+    "mse": (0.0, math.inf),
+    "rmse": (0.0, math.inf),
+    "mape": (0.0, math.inf),
+}
+
+
+def metric_range(key: str) -> tuple[float, float] | None:
+    base = key.split("_", 1)[1] if key.startswith(("val_", "test_")) else key
+    return METRIC_RANGES.get(re.sub(r"_h\d+$", "", base))
+
+
+@torch.no_grad()
+def expected_metric_keys(task: Any, template_for: Callable[[int], nn.Module], clients: Sequence[int],
+                         device: torch.device | str = "cpu") -> frozenset[str]:
+    """The metric names an honest client reports (``val_accuracy``, ``test_mse_h3``, ...): the
+    task's metrics of the server's own template on two samples of each split (taken from the
+    first clients whose split is non-empty)."""
+    keys: set[str] = set()
+    seen: set[str] = set()
+    for c in clients:
+        data = task.client_data(int(c))
+        for split in ("val", "test"):
+            tensors = getattr(data, split)
+            if split in seen or int(tensors[0].shape[0]) == 0:
+                continue
+            batch = tuple(t[:2].to(device) for t in tensors)
+            output = template_for(int(c))(batch[0])
+            sums = {k: float(v) for k, v in task.metrics(output, *batch[1:]).items()}
+            keys |= {f"{split}_{k}" for k in task.finalize(sums)}
+            seen.add(split)
+        if len(seen) == 2:
+            break
+    return frozenset(keys)
+
+
+def validate_metrics(row: object, expected: Collection[str], client: int) -> str | None:
+    """The reason a client's evaluation report must be rejected, or None: a non-empty mapping of
+    ``expected`` metric names only (plus its ``partition-id``, which must be ``client``), every
+    value a finite number within its metric's range (:data:`METRIC_RANGES`)."""
+    if not isinstance(row, Mapping):
+        return f"metrics are a {type(row).__name__}, expected a mapping"
+    extra = sorted(str(k) for k in row if k not in expected and k != "partition-id")
+    if extra:
+        return f"unexpected metrics {extra[:5]}"
+    if "partition-id" in row:
+        pid = row["partition-id"]
+        if isinstance(pid, bool) or not isinstance(pid, (int, np.integer)) or int(pid) != client:
+            return f"partition-id {pid!r} in the report of client {client}"
+    names = [k for k in row if k != "partition-id"]
+    if not names:
+        return "no metrics"
+    for k in names:
+        v = row[k]
+        if isinstance(v, bool) or not isinstance(v, (int, float, np.integer, np.floating)):
+            return f"{k}: {v!r} is not a number"
+        if not math.isfinite(float(v)):
+            return f"{k}: non-finite value {float(v)}"
+        bounds = metric_range(str(k))
+        if bounds is not None and not bounds[0] <= float(v) <= bounds[1]:
+            return f"{k}: {float(v):.6g} outside its range [{bounds[0]}, {bounds[1]}]"
+    return None
