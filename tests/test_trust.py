@@ -22,6 +22,7 @@ from shn.cli import main
 from shn.config import ValidationConfig, config_from_dict, dumps_toml
 from shn.federated.records import CheckpointError, WriteError, dumps_json, load_checkpoint, save_checkpoint
 from shn.federated.simulation import DivergedError, write_summary
+from shn.registry import METHODS
 from shn.runner import build, load_run, run
 from tests.conftest import state_hash, with_changes
 
@@ -82,7 +83,7 @@ def test_crafted_newest_checkpoint_falls_back_to_the_previous_one(finished_run, 
     assert any("refused" in r.getMessage() for r in caplog.records)
 
 
-@pytest.mark.parametrize("method", ["pfedhn", "fedavg", "fedper", "local", "shn"])
+@pytest.mark.parametrize("method", sorted(METHODS.names()))
 def test_every_method_checkpoint_is_plain_data_and_resumes_exactly(tmp_path, method):
     data = with_changes(TINY, method=method, rounds=3, **{"graph.kind": "complete", "server.optimizer": "adam"})
     cfg = config_from_dict(data)
@@ -340,3 +341,33 @@ def test_expected_metric_keys_are_the_in_process_keys(tmp_path):
         rows = built.runtime.evaluate([0], built.algorithm.weights_for([0]))
         finite = {k: v for k, v in rows[0].items() if math.isfinite(v)}
         assert validate_metrics({**finite, "partition-id": 0}, expected, 0) is None
+
+
+def test_disk_full_while_appending_metrics_leaves_the_log_readable(tmp_path, monkeypatch):
+    from shn.federated.records import MetricsLog, read_jsonl
+
+    metrics = MetricsLog(tmp_path / "metrics.jsonl")
+    metrics.append({"round": 1, "x": 0.5})
+
+    real_open = open
+
+    class Full:
+        def __init__(self, path, mode):
+            self.f = real_open(path, mode)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, text):
+            self.f.write(text[:7])
+            self.f.flush()
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr("builtins.open", Full)
+    with pytest.raises(WriteError, match="No space left"):
+        metrics.append({"round": 2, "x": 0.25})
+    monkeypatch.undo()
+    assert read_jsonl(tmp_path / "metrics.jsonl") == [{"round": 1, "x": 0.5}]

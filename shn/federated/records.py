@@ -245,10 +245,13 @@ class MetricsLog:
 
     def append(self, record: Mapping[str, Any]) -> None:
         line = dumps_json(record, sort_keys=True) + "\n"
+        size = self.path.stat().st_size if self.path.exists() else 0
         try:
             with open(self.path, "a") as f:
                 f.write(line)
         except OSError as e:
+            with contextlib.suppress(OSError):  # no partial line left behind
+                os.truncate(self.path, size)
             raise WriteError(f"{self.path}: cannot append the round's metrics ({e.strerror or e})") from None
 
 
