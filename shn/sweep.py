@@ -30,7 +30,7 @@ one machine) are safe: every process of a command holds a shared lock on
 ``<lock>.<study hash>.command`` while it runs, and running trials are only declared interrupted
 by a command that finds no other holder (an exclusive lock); otherwise it joins the study and
 shares its budget. (Locks are local files: commands on *other machines* sharing an RDB study
-are not seen, so start those with ``--workers``-style care: one command per study at a time.)
+are not seen; across machines, run one command per study and add workers with ``--workers``.)
 
 The storage is opened and read once up front: a corrupt SQLite file or journal, a database URL
 whose driver is not installed (``postgresql://`` without ``psycopg2``) or an unknown scheme is a
