@@ -12,7 +12,9 @@
 ``shn --threads N <command>`` caps torch's CPU threads (several experiments side by side: N=1
 each; oversubscribed cores make torch several times slower).
 
-User errors (bad config, missing or malformed file) end in one line on stderr and exit code 2.
+User errors (bad config, missing or malformed file, an unsafe or foreign checkpoint, a full disk)
+end in one line on stderr and exit code 2; a run whose metrics go non-finite (diverged) ends in
+one line and exit code 1. Printed JSON is strict (non-finite numbers as null).
 """
 
 from __future__ import annotations
@@ -54,8 +56,11 @@ def _cmd_run(args: argparse.Namespace, pipeline: bool = False) -> int:
         result = run_pipeline(config, run_dir=run_dir, resume=args.resume, progress=not args.no_progress)
     else:
         result = run(config, run_dir=run_dir, resume=args.resume, progress=not args.no_progress)
-    metrics = {k: round(v, 4) for k, v in result.summary["metrics"].items() if k.startswith(("test_", "val_"))}
-    print(json.dumps({"run_dir": str(run_dir), "method": config.method, "task": config.task.name, **metrics}))
+    from shn.federated.records import dumps_json
+
+    metrics = {k: round(v, 4) for k, v in result.summary["metrics"].items()
+               if k.startswith(("test_", "val_")) and isinstance(v, (int, float))}
+    print(dumps_json({"run_dir": str(run_dir), "method": config.method, "task": config.task.name, **metrics}))
     return 0
 
 
@@ -178,7 +183,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         from tasks.datasets import DataError
     except ImportError:  # pragma: no cover
         DataError = ValueError  # type: ignore[misc,assignment]
-    from shn.federated.records import CheckpointError
+    from shn.federated.records import CheckpointError, WriteError
+    from shn.federated.simulation import DivergedError
 
     if args.threads is not None and args.threads < 1:
         print(f"shn: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
@@ -188,9 +194,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with torch_threads(args.threads):  # restored after: main() also runs in-process (tests)
             return int(args.func(args) or 0)
-    except (ConfigError, DataError, CheckpointError, UserError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, WriteError, UserError, FileNotFoundError) as e:
         print(f"shn: error: {e}", file=sys.stderr)
         return 2
+    except DivergedError as e:
+        print(f"shn: error: {e}", file=sys.stderr)
+        return 1
     except KeyboardInterrupt:
         print("shn: interrupted (resume with --resume)", file=sys.stderr)
         return 130

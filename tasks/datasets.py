@@ -12,6 +12,10 @@ Loaders (see each docstring for the layouts accepted):
 * :func:`load_cifar10` — npz JPEG shards, ``cifar-10-batches-py`` pickles, or an image folder.
 * :func:`load_cifar100` — ``cifar-100-python`` pickles (fine labels), or an image folder.
 * :func:`load_dataset` — dispatch by name.
+
+Loading a python pickle runs code from the file. The pickle formats are therefore read only on
+explicit request — ``data_format="pickle"`` *and* ``allow_pickle=True`` (TOML: ``task.allow_pickle
+= true``) — and ``data_format="auto"`` never picks them. Every other format is plain data.
 """
 
 from __future__ import annotations
@@ -371,8 +375,8 @@ def _load_cifar10_npz(directory: Path, max_train: int | None, max_test: int | No
 # -- CIFAR: python pickles ----------------------------------------------------------------------
 
 def _unpickle(path: Path, required: tuple[str, ...]) -> dict[str, object]:
-    """A CIFAR python-version pickle as a dict with str keys. (Pickles can run code: only load
-    files you trust — this is the format the CIFAR authors distribute.)"""
+    """A CIFAR python-version pickle as a dict with str keys. Unpickling runs code from the file:
+    only reached with ``allow_pickle=True`` (the format the CIFAR authors distribute)."""
     if not path.is_file():
         raise DataError(f"{path}: file not found")
     try:
@@ -498,14 +502,25 @@ def load_image_folder(
 CIFAR_FORMATS = ("auto", "npz_jpeg", "pickle", "image_folder")
 
 
+def _pickle_folder(dataset: str) -> tuple[str, str]:
+    return ("cifar-10-batches-py", "data_batch_1") if dataset == "cifar10" else ("cifar-100-python", "train")
+
+
+PICKLE_OPT_IN = ('set task.data_format = "pickle" and task.allow_pickle = true (loading a pickle runs code '
+                 'from the file: only for files you trust)')
+
+
 def _detect_cifar_format(directory: Path, dataset: str) -> str:
+    """npz shards or an image folder; never a pickle (see the module docstring)."""
     if dataset == "cifar10" and any(directory.glob("cifar10_train_*.npz")):
         return "npz_jpeg"
-    folder, marker = ("cifar-10-batches-py", "data_batch_1") if dataset == "cifar10" else ("cifar-100-python", "train")
-    if _pickle_root(directory, folder, marker) is not None:
-        return "pickle"
     if (directory / "train").is_dir() and (directory / "test").is_dir():
         return "image_folder"
+    folder, marker = _pickle_folder(dataset)
+    root = _pickle_root(directory, folder, marker)
+    if root is not None:
+        raise DataError(f"{root}: only python pickles ({folder}) found, which data_format = \"auto\" never loads; "
+                        + PICKLE_OPT_IN)
     expected = (
         "cifar10_train_NN.npz shards, a cifar-10-batches-py folder (data_batch_1..5, test_batch)"
         if dataset == "cifar10"
@@ -514,10 +529,12 @@ def _detect_cifar_format(directory: Path, dataset: str) -> str:
     raise DataError(f"{directory}: no {dataset} data found (expected {expected}, or train/<class>/ + test/<class>/ images)")
 
 
-def _load_cifar(dataset: str, data_dir, data_format: str, max_train, max_test) -> ImageData:
+def _load_cifar(dataset: str, data_dir, data_format: str, max_train, max_test, allow_pickle: bool = False) -> ImageData:
     allowed = CIFAR_FORMATS if dataset == "cifar10" else tuple(f for f in CIFAR_FORMATS if f != "npz_jpeg")
     if data_format not in allowed:
         raise ValueError(f"data_format={data_format!r} is not available for {dataset}; choose one of {', '.join(allowed)}")
+    if data_format == "pickle" and allow_pickle is not True:
+        raise ValueError(f"data_format=\"pickle\" needs allow_pickle = true: {PICKLE_OPT_IN}")
     directory = _require_dir(data_dir, f"{dataset} data")
     fmt = _detect_cifar_format(directory, dataset) if data_format == "auto" else data_format
     if fmt == "image_folder":
@@ -538,19 +555,21 @@ def load_cifar10(
     data_format: str = "auto",
     max_train_per_class: int | None = None,
     max_test_per_class: int | None = None,
+    allow_pickle: bool = False,
 ) -> ImageData:
     """CIFAR-10 as uint8 ``[N, 3, 32, 32]`` from ``data_dir`` in one of these layouts
-    (``data_format="auto"`` detects it):
+    (``data_format="auto"`` detects the first and the last):
 
     * ``"npz_jpeg"``: ``cifar10_{train|test}_NN.npz`` shards with ``jpeg_bytes``, ``offsets``,
       ``labels`` (+ optional ``classes.json``), decoded with Pillow. With a per-class limit only
       the shards needed are decoded (shards are class-balanced).
-    * ``"pickle"``: torchvision's ``cifar-10-batches-py`` (``data_dir`` itself or its parent).
+    * ``"pickle"``: torchvision's ``cifar-10-batches-py`` (``data_dir`` itself or its parent);
+      needs ``allow_pickle=True``, since unpickling runs code from the files.
     * ``"image_folder"``: ``train/<class>/*`` and ``test/<class>/*``.
 
     ``max_*_per_class`` keep the first ``k`` images of each class.
     """
-    return _load_cifar("cifar10", data_dir, data_format, max_train_per_class, max_test_per_class)
+    return _load_cifar("cifar10", data_dir, data_format, max_train_per_class, max_test_per_class, allow_pickle)
 
 
 def load_cifar100(
@@ -559,11 +578,12 @@ def load_cifar100(
     data_format: str = "auto",
     max_train_per_class: int | None = None,
     max_test_per_class: int | None = None,
+    allow_pickle: bool = False,
 ) -> ImageData:
     """CIFAR-100 (100 fine labels) as uint8 ``[N, 3, 32, 32]``: ``"pickle"`` = the
     ``cifar-100-python`` folder (``train``, ``test``, optional ``meta``; ``data_dir`` itself or its
-    parent), or ``"image_folder"`` as for :func:`load_cifar10`."""
-    return _load_cifar("cifar100", data_dir, data_format, max_train_per_class, max_test_per_class)
+    parent; needs ``allow_pickle=True``), or ``"image_folder"`` as for :func:`load_cifar10`."""
+    return _load_cifar("cifar100", data_dir, data_format, max_train_per_class, max_test_per_class, allow_pickle)
 
 
 # -- dispatch -----------------------------------------------------------------------------------
@@ -576,11 +596,14 @@ def load_dataset(
     train_data_dir: str | Path | None = None,
     max_train_per_class: int | None = None,
     max_test_per_class: int | None = None,
+    allow_pickle: bool = False,
 ) -> ImageData:
     """Load dataset ``name`` (one of :data:`DATASETS`) from ``data_dir``.
 
-    ``data_format`` selects the file layout for CIFAR (``"auto"`` detects it); ``train_data_dir``
-    is MNIST's optional second folder holding the training set (see :func:`load_mnist`).
+    ``data_format`` selects the file layout for CIFAR (``"auto"`` detects it, never a pickle);
+    ``allow_pickle`` permits ``data_format="pickle"`` (it runs code from the files);
+    ``train_data_dir`` is MNIST's optional second folder holding the training set (see
+    :func:`load_mnist`).
     """
     limits = dict(max_train_per_class=max_train_per_class, max_test_per_class=max_test_per_class)
     if name == "digits":
@@ -596,5 +619,5 @@ def load_dataset(
             raise ValueError(f"data_format={data_format!r} is not available for mnist; choose auto or idx")
         return load_mnist(data_dir, train_data_dir=train_data_dir, **limits)
     if name == "cifar10":
-        return load_cifar10(data_dir, data_format=data_format, **limits)
-    return load_cifar100(data_dir, data_format=data_format, **limits)
+        return load_cifar10(data_dir, data_format=data_format, allow_pickle=allow_pickle, **limits)
+    return load_cifar100(data_dir, data_format=data_format, allow_pickle=allow_pickle, **limits)

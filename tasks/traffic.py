@@ -7,9 +7,10 @@ Data (``TrafficOptions.data_dir``), two layouts:
   first column named ``time``/``timestamp``/``date``/``datetime`` or with an empty header cell is
   read as timestamps), ``los_adj.csv`` (N×N, no header), optional ``graph_sensor_locations.csv``.
 * ``h5`` — the DCRNN METR-LA / PEMS-BAY files: ``metr-la.h5`` / ``pems-bay.h5`` (pandas fixed-format
-  frame under key ``df``; needs h5py: ``pip install -e '.[h5]'``) plus the adjacency as DCRNN's ``adj_mx.pkl``
-  (``[sensor_ids, id_to_index, adj_mx]``), an ``.npz`` (``adj_mx`` or the first array) or a dense
-  ``.csv`` (optional header row / id column, e.g. ``metr_la_adj_mx.csv``), and optionally
+  frame under key ``df``; needs h5py: ``pip install -e '.[h5]'``) plus the adjacency as an ``.npz``
+  (``adj_mx`` or the first array), a dense ``.csv`` (optional header row / id column, e.g.
+  ``metr_la_adj_mx.csv``) or DCRNN's ``adj_mx.pkl`` (``[sensor_ids, id_to_index, adj_mx]``; a
+  pickle runs code when loaded, so it is read only with ``allow_pickle = true``), and optionally
   ``graph_sensor_locations[_bay].csv``.
 
 Inputs per step: speed (z-scored per sensor with its train statistics) and, with
@@ -60,8 +61,11 @@ class TrafficOptions:
             ``"losloop"`` or ``"h5"``.
         speed_file, adjacency_file, locations_file: file names (relative to ``data_dir``) or paths
             overriding the defaults (losloop: ``los_speed.csv`` / ``los_adj.csv`` /
-            ``graph_sensor_locations.csv``; h5: the only ``*.h5``, the only ``adj*.pkl`` (else
-            ``.npz``, else ``*adj*.csv``), ``graph_sensor_locations*.csv`` if present).
+            ``graph_sensor_locations.csv``; h5: the only ``*.h5``, the only ``*adj*.npz`` (else
+            ``*adj*.csv``; ``adj*.pkl`` first only with ``allow_pickle``),
+            ``graph_sensor_locations*.csv`` if present).
+        allow_pickle: permit a DCRNN ``.pkl`` adjacency. Loading a pickle runs code from the
+            file: set it only for files you trust.
         input_len, output_len: window lengths in steps (12 = 1 h at 5 min).
         num_clients: keep the first ``n`` sensors; ``None`` = all.
         train_fraction, val_fraction, test_fraction: chronological split of the time axis.
@@ -82,6 +86,7 @@ class TrafficOptions:
     speed_file: str | None = None
     adjacency_file: str | None = None
     locations_file: str | None = None
+    allow_pickle: bool = False
     input_len: int = 12
     output_len: int = 12
     num_clients: int | None = None
@@ -113,8 +118,9 @@ class TrafficOptions:
             check_int(self, key, 1)
         check_int(self, "num_clients", 1, allow_none=True)
         check_int(self, "max_windows", 1, allow_none=True)
-        if not isinstance(self.add_time_of_day, bool):
-            raise ValueError(f"task option add_time_of_day={self.add_time_of_day!r} must be true or false")
+        for key in ("add_time_of_day", "allow_pickle"):
+            if not isinstance(getattr(self, key), bool):
+                raise ValueError(f"task option {key}={getattr(self, key)!r} must be true or false")
         check_fractions(self)
 
 
@@ -294,6 +300,22 @@ def _only(data_dir: Path, patterns: tuple[str, ...], what: str, required: bool =
     return None
 
 
+def _adjacency_file(data_dir: Path, allow_pickle: bool) -> Path:
+    """The h5 layout's adjacency file: a pickle only when allowed (then first, as DCRNN ships it)."""
+    plain = ("*adj*.npz", "*adj*.csv")
+    if allow_pickle:
+        return _only(data_dir, ("adj*.pkl", *plain), "adjacency")
+    found = _only(data_dir, plain, "adjacency", required=False)
+    if found is not None:
+        return found
+    pickles = sorted(data_dir.glob("adj*.pkl"))
+    if pickles:
+        raise ForecastDataError(f"{pickles[0]}: the only adjacency is a python pickle, read only with "
+                                "task.allow_pickle = true (loading a pickle runs code from the file: only for "
+                                "files you trust); or convert it to .npz / .csv")
+    raise ForecastDataError(f"{data_dir}: no adjacency file (looked for {', '.join(plain)})")
+
+
 def load_traffic(options: TrafficOptions) -> tuple[SpeedTable, np.ndarray, np.ndarray | None, dict[str, Path]]:
     """``(speed table, adjacency aligned with its sensors, coordinates or None, files used)``."""
     data_dir = require_data_dir(options, "traffic")
@@ -318,12 +340,11 @@ def load_traffic(options: TrafficOptions) -> tuple[SpeedTable, np.ndarray, np.nd
         table = read_speed_csv(speed_path)
     else:
         speed_path = _resolve(data_dir, options.speed_file) or _only(data_dir, ("*.h5",), "speed (.h5)")
-        adj_path = _resolve(data_dir, options.adjacency_file) or _only(
-            data_dir, ("adj*.pkl", "*adj*.npz", "*adj*.csv"), "adjacency")
+        adj_path = _resolve(data_dir, options.adjacency_file) or _adjacency_file(data_dir, options.allow_pickle)
         loc_path = _resolve(data_dir, options.locations_file) or _only(
             data_dir, ("graph_sensor_locations*.csv",), "sensor locations", required=False)
         table = read_speed_h5(speed_path)
-    matrix, ids = read_adjacency(adj_path)
+    matrix, ids = read_adjacency(adj_path, allow_pickle=options.allow_pickle)
     matrix = align_adjacency(matrix, ids, table.sensor_ids, adj_path)
     coords = None
     if loc_path is not None and (loc_path.is_file() or options.locations_file is not None):

@@ -178,7 +178,7 @@ def test_cifar10_pickle_generated(tmp_path):
     batches = [_write_cifar_pickle(root / f"data_batch_{k}", 10) for k in range(1, 6)]
     _write_cifar_pickle(root / "test_batch", 10)
     for where in (tmp_path, root):  # the folder itself or its parent
-        d = load_cifar10(where, data_format="auto")
+        d = load_cifar10(where, data_format="pickle", allow_pickle=True)
         assert d.x_train.shape == (50, 3, 32, 32) and d.x_test.shape == (10, 3, 32, 32)
         assert np.array_equal(d.x_train[:10].reshape(10, -1), batches[0][b"data"])
 
@@ -187,7 +187,7 @@ def test_cifar100_pickle_generated(tmp_path):
     root = tmp_path / "cifar-100-python"
     _write_cifar_pickle(root / "train", 200, "fine_labels", 100)
     _write_cifar_pickle(root / "test", 100, "fine_labels", 100)
-    d = load_cifar100(tmp_path)
+    d = load_cifar100(tmp_path, data_format="pickle", allow_pickle=True)
     assert d.num_classes == 100 and d.x_train.shape == (200, 3, 32, 32) and d.y_test.max() == 99
 
 
@@ -226,7 +226,7 @@ def test_missing_file(tmp_path):
     for k in range(1, 5):  # data_batch_5 and test_batch missing
         _write_cifar_pickle(root / f"data_batch_{k}", 4)
     with pytest.raises(DataError, match=r"data_batch_5: file not found"):
-        load_cifar10(tmp_path)
+        load_cifar10(tmp_path, data_format="pickle", allow_pickle=True)
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"empty: no cifar10 data found"):
         load_cifar10(tmp_path / "empty")
@@ -319,12 +319,12 @@ def test_cifar_pickle_missing_key(tmp_path):
         _write_cifar_pickle(root / f"data_batch_{k}", 4, drop="labels" if k == 2 else None)
     _write_cifar_pickle(root / "test_batch", 4)
     with pytest.raises(DataError, match=r"data_batch_2: missing key 'labels' \(expected data, labels\)"):
-        load_cifar10(tmp_path)
+        load_cifar10(tmp_path, data_format="pickle", allow_pickle=True)
     root = tmp_path / "cifar-100-python"
     _write_cifar_pickle(root / "train", 4, "fine_labels", 100, drop="fine_labels")
     _write_cifar_pickle(root / "test", 4, "fine_labels", 100)
     with pytest.raises(DataError, match=r"train: missing key 'fine_labels'"):
-        load_cifar100(root)
+        load_cifar100(root, data_format="pickle", allow_pickle=True)
 
 
 def test_wrong_format_name(tmp_path):
@@ -332,3 +332,51 @@ def test_wrong_format_name(tmp_path):
         load_cifar100(tmp_path, data_format="npz_jpeg")
     with pytest.raises(ValueError, match="not available for digits"):
         load_dataset("digits", data_format="pickle")
+
+
+# -- pickles run code: only on explicit opt-in (issue 15) --------------------------------------------
+
+class _Marker:
+    """Unpickling this creates the file ``path`` (what a crafted pickle would do)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def _hostile_cifar(tmp_path: Path, dataset: str) -> Path:
+    marker = tmp_path / "pwned"
+    folder, files = (("cifar-10-batches-py", [f"data_batch_{k}" for k in range(1, 6)] + ["test_batch"])
+                     if dataset == "cifar10" else ("cifar-100-python", ["train", "test"]))
+    for name in files:
+        (tmp_path / "data" / folder).mkdir(parents=True, exist_ok=True)
+        with open(tmp_path / "data" / folder / name, "wb") as f:
+            pickle.dump({b"data": _Marker(marker), b"labels": [0]}, f)
+    return marker
+
+
+@pytest.mark.parametrize("dataset", ["cifar10", "cifar100"])
+def test_auto_never_unpickles_and_says_how_to_opt_in(tmp_path, dataset):
+    marker = _hostile_cifar(tmp_path, dataset)
+    for where in (tmp_path / "data", next((tmp_path / "data").iterdir())):
+        with pytest.raises(DataError, match=r"only python pickles.*auto.*allow_pickle = true.*runs code"):
+            load_dataset(dataset, where)
+        with pytest.raises(ValueError, match="needs allow_pickle = true"):
+            load_dataset(dataset, where, data_format="pickle")
+    assert not marker.exists()
+    with pytest.raises(DataError):  # opted in: the pickle is read (and here runs its code)
+        load_dataset(dataset, tmp_path / "data", data_format="pickle", allow_pickle=True)
+    assert marker.exists()
+
+
+def test_pickle_format_needs_allow_pickle_in_the_config():
+    from shn.config import ConfigError, config_from_dict
+
+    with pytest.raises(ConfigError, match="allow_pickle"):
+        config_from_dict({"task": {"name": "cifar10", "data_dir": "x", "data_format": "pickle"}})
+    with pytest.raises(ConfigError, match="allow_pickle"):
+        config_from_dict({"task": {"name": "cifar10", "data_dir": "x", "allow_pickle": "yes"}})
+    cfg = config_from_dict({"task": {"name": "cifar10", "data_dir": "x", "data_format": "pickle", "allow_pickle": True}})
+    assert cfg.task.options.allow_pickle is True

@@ -217,6 +217,112 @@ def test_nan_delta_rejected_exactly_as_in_process(tmp_path, monkeypatch):
 
 
 # ---------------------------------------------------------------------------------------------
+# hostile clients (issue 15): forged evaluation reports, forged partition ids
+
+def _forging(real, partition: int, forge):
+    """A ClientApp whose node of ``partition`` rewrites its evaluation metrics with ``forge``."""
+
+    def app(msg, context):
+        reply = real(msg, context)
+        if msg.metadata.message_type == "evaluate" and context.node_config["partition-id"] == partition:
+            reply.content["metrics"] = flwr_app.MetricRecord(forge(dict(reply.content["metrics"])))
+        return reply
+
+    return app
+
+
+@pytest.mark.parametrize("forge, reason", [
+    (lambda m: {**m, "test_accuracy": 1e6}, "outside its range"),
+    (lambda m: {**m, "test_accuracy": -0.5}, "outside its range"),
+    (lambda m: {**m, "val_mse": 3.0}, "unexpected metrics ['val_mse']"),
+    (lambda m: {**m, "owned": 1.0}, "unexpected metrics ['owned']"),
+    (lambda m: {**m, "test_loss": float("nan")}, "non-finite"),
+    (lambda m: {**m, "test_loss": float("inf")}, "non-finite"),
+    (lambda m: {**m, "partition-id": 0}, "partition-id 0"),
+    (lambda m: {"partition-id": m["partition-id"]}, "no metrics"),
+])
+def test_forged_evaluation_reports_are_rejected_and_counted(tmp_path, caplog, forge, reason):
+    """Partition 2 forges its evaluation report: it is rejected (logged, counted in
+    rejected_evaluations), so the run's metrics are the honest clients' means."""
+    config = make_config(method="pfedhn", rounds=2)
+    ref = run(config, progress=False)
+    got, _ = flower_run(config, tmp_path, client_app=_forging(make_client_app(), 2, forge))
+    assert got.summary["rejected_evaluations"] == len(got.history) == 1
+    assert got.summary["failed_clients"] == 0 and set(got.per_client) == {0, 1, 3}
+    honest = {c: row for c, row in ref.per_client.items() if c != 2}
+    for k in ("test_accuracy", "val_accuracy", "test_loss"):
+        assert got.summary["metrics"][k] == pytest.approx(sum(r[k] for r in honest.values()) / 3, rel=1e-6)
+    assert set(got.summary["metrics"]) == set(ref.summary["metrics"])  # nothing added by the client
+    assert any(reason in r.getMessage() and "client 2" in r.getMessage() for r in caplog.records)
+    assert json.loads((tmp_path / "run" / "summary.json").read_text())["rejected_evaluations"] == 1
+
+
+class _TwoClaimGrid(InProcessGrid):
+    """Five nodes for four partitions: the extra node (an impostor) claims partition 1 too."""
+
+    def __init__(self, client_app, num_nodes, **kwargs):
+        super().__init__(client_app, num_nodes + 1, **kwargs)  # partitions 0..num_nodes
+        impostor = next(n for n, c in self.contexts.items() if c.node_config["partition-id"] == num_nodes)
+        self.contexts[impostor].node_config["partition-id"] = 1
+        for c in self.contexts.values():
+            c.node_config["num-partitions"] = num_nodes
+        self.impostor = impostor
+
+
+def test_a_contested_partition_is_used_by_neither_claimant(tmp_path, caplog):
+    config = make_config(method="pfedhn", rounds=1)
+    grid = _TwoClaimGrid(make_client_app(), 4)
+    result = run_federation(grid, config, EngineSettings(run_dir=tmp_path / "run", min_nodes=3, node_timeout=5))
+    assert set(result.per_client) == {0, 2, 3}  # partition 1 dropped: which claimant is genuine is unknown
+    assert not any(m.metadata.message_type == "train" and m.content["config"]["client"] == 1 for m in grid.sent)
+    assert any("partition 1 is claimed by nodes" in r.getMessage() for r in caplog.records)
+    with pytest.raises(RuntimeError, match=r"contested: \[1\]"):  # all four needed: the run cannot start
+        run_federation(_TwoClaimGrid(make_client_app(), 4), config,
+                       EngineSettings(run_dir=tmp_path / "run2", node_timeout=0.2))
+
+
+def test_partition_map_binds_partitions_to_node_ids(tmp_path, caplog):
+    config = make_config(method="pfedhn", rounds=1)
+    grid = _TwoClaimGrid(make_client_app(), 4)
+    genuine = {c.node_config["partition-id"]: n for n, c in grid.contexts.items() if n != grid.impostor}
+    bound = tmp_path / "partitions.toml"
+    bound.write_text("".join(f'"{node}" = {part}\n' for part, node in sorted(genuine.items())))
+    _, settings = resolve_run_config({"partition-map": str(bound), "run-dir": str(tmp_path / "run")})
+    assert settings.partition_map == bound
+    result = run_federation(grid, config, settings)
+    assert set(result.per_client) == {0, 1, 2, 3}
+    assert not any(m.metadata.dst_node_id == grid.impostor for m in grid.sent)  # never even asked
+    assert all(grid.contexts[m.metadata.dst_node_id].node_config["partition-id"] == m.content["config"]["client"]
+               for m in grid.sent if m.metadata.message_type == "train")
+    # a node claiming another partition than its binding is not used
+    grid = _TwoClaimGrid(make_client_app(), 4)  # the same node ids as before (deterministic)
+    grid.contexts[genuine[3]].node_config["partition-id"] = 0
+    result = run_federation(grid, config, EngineSettings(run_dir=tmp_path / "run3", min_nodes=3, node_timeout=5,
+                                                         partition_map=bound))
+    assert set(result.per_client) == {0, 1, 2}
+    assert any("binds it to 3" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("text, message", [
+    ('"12" = 9\n', "partition 9 is not a client index 0..3"),
+    ('"12" = 1\n"13" = 1\n', r"partition\(s\) \[1\] bound to more than one node"),
+    ('"node" = 1\n', "is not a node id"),
+    ("", "empty partition map"),
+    ("not toml [", "not a readable TOML"),
+])
+def test_bad_partition_map_is_one_line(tmp_path, text, message):
+    from shn.config import ConfigError
+    from shn.flower.identity import load_partition_map
+
+    path = tmp_path / "map.toml"
+    path.write_text(text)
+    with pytest.raises(ConfigError, match=message):
+        load_partition_map(path, 4)
+    with pytest.raises(ConfigError, match="partition-map"):
+        resolve_run_config({"partition-map": "absent.toml"}, tmp_path)
+
+
+# ---------------------------------------------------------------------------------------------
 # run config
 
 def test_run_config_maps_onto_run_config(tmp_path):

@@ -289,8 +289,46 @@ def test_traffic_adjacency_formats_align_with_sensor_order(tmp_path):
     (tmp_path / "adj_ids.csv").write_text("\n".join(lines) + "\n")
     np.savez(tmp_path / "adj.npz", adj_mx=weights)
     for name in ("adj_mx.pkl", "adj_ids.csv", "adj.npz"):
-        task = make_traffic(TrafficOptions(data_dir=str(tmp_path), adjacency_file=name, input_len=6, output_len=6), seed=0)
+        task = make_traffic(TrafficOptions(data_dir=str(tmp_path), adjacency_file=name, input_len=6, output_len=6,
+                                           allow_pickle=name.endswith(".pkl")), seed=0)
         assert torch.allclose(task.relation_adjacency(), torch.tensor(weights, dtype=torch.float32), atol=1e-6), name
+
+
+class _Marker:
+    """Unpickling this creates the file ``path`` (what a crafted pickle would do)."""
+
+    def __init__(self, path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        from pathlib import Path
+
+        return (Path.touch, (Path(self.path),))
+
+
+def test_traffic_pickle_adjacency_only_with_allow_pickle(tmp_path):
+    from tasks.traffic import _adjacency_file, read_adjacency
+
+    _write_traffic(tmp_path, n=3, steps=80)
+    marker = tmp_path / "pwned"
+    with open(tmp_path / "adj_mx.pkl", "wb") as fh:
+        pickle.dump(_Marker(marker), fh)
+    opts = dict(data_dir=str(tmp_path), adjacency_file="adj_mx.pkl", input_len=4, output_len=4)
+    with pytest.raises(ForecastDataError, match=r"adj_mx.pkl: a python pickle.*allow_pickle = true.*runs code"):
+        make_traffic(TrafficOptions(**opts), seed=0)
+    with pytest.raises(ForecastDataError, match="allow_pickle"):
+        read_adjacency(tmp_path / "adj_mx.pkl")
+    h5 = tmp_path / "h5"
+    h5.mkdir()
+    (tmp_path / "adj_mx.pkl").rename(h5 / "adj_mx.pkl")
+    with pytest.raises(ForecastDataError, match=r"the only adjacency is a python pickle.*allow_pickle = true"):
+        _adjacency_file(h5, allow_pickle=False)  # the h5 layout's discovery never picks the pickle
+    assert _adjacency_file(h5, allow_pickle=True).name == "adj_mx.pkl"
+    np.savez(h5 / "adj.npz", adj_mx=np.zeros((3, 3)))
+    assert _adjacency_file(h5, allow_pickle=False).name == "adj.npz"
+    assert not marker.exists()
+    with pytest.raises(ValueError, match="allow_pickle"):
+        TrafficOptions(data_dir=str(tmp_path), allow_pickle=1)
 
 
 def test_traffic_loader_errors_name_the_file(tmp_path):

@@ -205,7 +205,8 @@ deltas = st.one_of(
 )
 counts = st.one_of(st.integers(-5, 10**12), st.floats(allow_nan=True), st.booleans(), st.none(), st.text(max_size=2),
                    st.builds(torch.tensor, st.integers(-3, 5)), st.builds(torch.tensor, st.floats(-3, 5)),
-                   st.builds(np.int64, st.integers(-3, 5)))
+                   st.builds(np.int64, st.integers(-3, 5)),
+                   st.integers(2**62, 2**70), st.builds(np.uint64, st.integers(0, 2**64 - 1)))  # overflow int64
 
 
 @settings(max_examples=400, deadline=None)
@@ -217,7 +218,7 @@ def test_random_updates_are_accepted_or_rejected_with_a_reason_never_raised(delt
         assert all(isinstance(delta[n], torch.Tensor) and delta[n].dtype == torch.float32
                    and tuple(delta[n].shape) == s and bool(torch.isfinite(delta[n]).all())
                    for n, s in zip(SPEC.names, SPEC.shapes))
-        assert int(count) > 0 and not isinstance(count, (bool, float))
+        assert 0 < int(count) <= 10**9 and not isinstance(count, (bool, float))
     else:
         assert isinstance(reason, str) and reason
 

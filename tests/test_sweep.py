@@ -67,6 +67,7 @@ def test_sqlite_two_workers_prune_resume_and_best_config(tmp_path):
 
     first = sweep(cfg, trials=2, storage=storage, workers=2, study_name="tiny", out=out, progress=False, **aggressive)
     assert (first["trials"], first["complete"]) == (2, 2)
+    assert (out / ".sweep-spec.json").is_file() and not list(out.glob("*.pkl"))  # workers get JSON
     done = {t.number: t.datetime_complete for t in study.get_trials()}
     summaries = {n: (out / "trials" / f"{n:04d}" / "summary.json").stat().st_mtime_ns for n in done}
 
@@ -155,3 +156,94 @@ def test_python_api_objective_example(tmp_path):
     assert direction == "maximize" and 0.0 <= study.best_value <= 1.0
     assert set(study.best_params) == {"server.lr", "local.lr", "local.steps"}
     assert (tmp_path / "trial0000" / "summary.json").is_file()
+
+
+# -- hostile inputs (issue 15): the worker spec, broken storages, a second command -------------------
+
+class _Marker:
+    """Unpickling this creates the file ``path`` (what a crafted pickle would do)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = str(path)
+
+    def __reduce__(self):
+        return (Path.touch, (Path(self.path),))
+
+
+def test_worker_spec_travels_as_json_and_a_pickle_is_never_read(tmp_path):
+    import pickle
+
+    from shn.sweep import _worker_main
+
+    space = parse_space({"local.lr": {"type": "categorical", "choices": [0.05, 0.0]},
+                         "server.lr": {"type": "float", "low": 1e-3, "high": 1e-1, "log": True}})
+    spec = _Spec({"method": "local"}, space, "j.log", "s", 3, str(tmp_path), 0, None, "x.lock", 2, False,
+                 pruner_args={"pruner": "median", "n_startup_trials": 2, "n_warmup_steps": 1})
+    back = _Spec.from_json(spec.to_json())
+    assert back.space == space and back.base_data == spec.base_data and back.trials == 3 and back.threads == 2
+    assert isinstance(back.pruner, optuna.pruners.MedianPruner)
+    with pytest.raises(ConfigError, match="pruner object cannot be sent"):
+        _Spec({}, space, "j", "s", 1, "o", 0, optuna.pruners.NopPruner(), "l", None, False).to_json()
+    hostile = tmp_path / ".sweep-spec.pkl"
+    hostile.write_bytes(pickle.dumps(_Marker(tmp_path / "pwned")))
+    with pytest.raises(ValueError):  # not JSON: refused, never unpickled
+        _worker_main(str(hostile), 1)
+    assert not (tmp_path / "pwned").exists()
+
+
+def _corrupt_journal(path: Path) -> str:
+    study = optuna.create_study(study_name="s", storage=open_storage(str(path)))
+    study.enqueue_trial({"x": 0.5})
+    lines = path.read_text().splitlines()
+    path.write_text("\n".join(lines[:1] + ["{garbage"] + lines[1:]) + "\n")
+    return str(path)
+
+
+@pytest.mark.parametrize("make_url, message", [
+    (lambda d: (d / "bad.db").write_bytes(b"not a database " * 200) and f"sqlite:///{d / 'bad.db'}",
+     "cannot open the study storage"),
+    (lambda d: _corrupt_journal(d / "bad.journal"), "cannot open the study storage"),
+    (lambda d: "postgresql://user@127.0.0.1:1/db", "database driver for 'postgresql' is not installed"),
+    (lambda d: "bogus://x", "unknown database scheme 'bogus'"),
+])
+def test_broken_storage_is_one_line_exit_2(tmp_path, capsys, make_url, message):
+    pytest.importorskip("sqlalchemy")
+    url = make_url(tmp_path)
+    if url.startswith("postgresql"):
+        try:
+            import psycopg2  # noqa: F401
+            pytest.skip("psycopg2 is installed here")
+        except ImportError:
+            pass
+    cfg = write_config(tmp_path, '"local.lr" = { type = "float", low = 0.01, high = 0.1 }\n')
+    assert main(["sweep", str(cfg), "--trials", "1", "--storage", url, "--out", str(tmp_path / "out"),
+                 "--no-progress"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and message in err and url in err
+
+
+def test_a_second_command_never_fails_the_live_commands_trial(tmp_path):
+    """A live command holds the study's command lock (simulated here by holding it shared, as
+    each worker does): a second command joins and shares the budget, leaving the first's
+    RUNNING trial alone; once nobody holds the lock, a RUNNING trial is an interrupted one."""
+    import fcntl
+
+    from shn.sweep_storage import command_lock_path, lock_path
+
+    cfg = write_config(tmp_path, '"local.lr" = { type = "categorical", choices = [0.05, 0.0] }\n')
+    storage, out = f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "sweep"
+    study = optuna.create_study(study_name="tiny", storage=storage, direction="maximize")
+    live = study.ask()  # the first command's trial, still running
+    held = open(command_lock_path(lock_path(storage, out), "tiny"), "a")
+    fcntl.flock(held, fcntl.LOCK_SH)
+    try:
+        second = sweep(cfg, trials=2, storage=storage, study_name="tiny", out=out, progress=False, overrides=["rounds=1"])
+        assert study.get_trials()[live.number].state.name == "RUNNING"
+        assert second["running"] == 1 and second["complete"] == 1 and second["interrupted"] == []
+        study.tell(live, 0.5)  # the first command finishes its trial normally
+    finally:
+        held.close()
+    assert study.get_trials()[live.number].state.name == "COMPLETE"
+    orphan = study.ask()  # now left RUNNING by a command that died
+    third = sweep(cfg, trials=3, storage=storage, study_name="tiny", out=out, progress=False, overrides=["rounds=1"])
+    assert third["interrupted"] == [orphan.number] and third["complete"] == 3

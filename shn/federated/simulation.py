@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import math
 import time
@@ -16,13 +15,35 @@ import torch
 from shn.config import RunConfig
 from shn.federated.algorithm import Algorithm, eval_weights
 from shn.federated.client import ClientRuntime
-from shn.federated.records import MetricsLog, atomic_write_text, load_checkpoint, mean_over_clients, save_checkpoint
+from shn.federated.records import (
+    MetricsLog,
+    atomic_write_text,
+    check_run_state,
+    dumps_json,
+    load_checkpoint_file,
+    mean_over_clients,
+    restoring,
+    save_checkpoint,
+)
 from shn.federated.server import ClientSampler, Server, unstack
 from shn.seeding import derive_seed, torch_generator
 
 log = logging.getLogger("shn.simulation")
 
 EvalCallback = Callable[[int, dict[str, Any]], None]
+
+
+class DivergedError(RuntimeError):
+    """The run's metrics went non-finite (NaN / inf): training diverged; the run stops."""
+
+
+def non_finite_metrics(record: dict[str, Any], primary: str = "accuracy") -> list[str]:
+    """The training loss and the val/test loss and primary metric of an evaluation record that
+    are non-finite. A val/test value is a mean over clients, non-finite only when no client has a
+    finite one: the model itself diverged (other metrics may be NaN when, e.g., a forecast
+    horizon has no observed target)."""
+    watched = {"train_loss", "val_loss", "test_loss", f"val_{primary}", f"test_{primary}"}
+    return [k for k, v in record.items() if k in watched and isinstance(v, float) and not math.isfinite(v)]
 
 
 @dataclass
@@ -56,7 +77,8 @@ class Simulation:
     Evaluation every ``eval_every`` rounds (and after the last) on every training client's val
     and test split with its own personalised weights; a checkpoint every ``checkpoint_every``
     rounds and at the end (when a run directory is given); ``resume=True`` continues from the
-    last checkpoint and gives exactly the numbers of an uninterrupted run.
+    last checkpoint and gives exactly the numbers of an uninterrupted run. When an evaluation's
+    metrics go non-finite the record is logged and :class:`DivergedError` raised.
     """
 
     def __init__(self, config: RunConfig, algorithm: Algorithm, runtime: ClientRuntime, *,
@@ -66,8 +88,8 @@ class Simulation:
         self.config = config
         self.algorithm = algorithm
         self.runtime = runtime
-        self.server = Server(algorithm, config.validation)
         self.pool = list(range(runtime.task.num_clients)) if pool is None else [int(c) for c in pool]
+        self.server = Server(algorithm, config.validation, clients=self.pool)  # only training clients send updates
         self.sampler = ClientSampler(config.seed, self.pool, config.clients_per_round)
         self.run_dir = run_dir
         self.progress = progress
@@ -114,9 +136,12 @@ class Simulation:
         start_round, elapsed = 1, 0.0
         metrics_log = MetricsLog(self.run_dir / "metrics.jsonl") if self.run_dir else None
         if resume and self.run_dir is not None:
-            state = load_checkpoint(self.run_dir)
-            if state is not None:
-                self._load(state)
+            found = load_checkpoint_file(self.run_dir)
+            if found is not None:
+                source, state = found
+                check_run_state(state, source)
+                with restoring(source):
+                    self._load(state)
                 start_round, elapsed = int(state["round"]) + 1, float(state["elapsed"])
                 log.info("resuming %s from round %d", self.run_dir, start_round)
         if metrics_log is not None:
@@ -131,6 +156,12 @@ class Simulation:
                     record = self._evaluate_round(r, time.perf_counter() - t0)
                     if metrics_log is not None:
                         metrics_log.append(record)
+                    bad = non_finite_metrics(record, getattr(self.runtime.task, "primary_metric", ("accuracy",))[0])
+                    if bad:
+                        bar.close()
+                        raise DivergedError(
+                            f"round {r}: training diverged: {', '.join(bad[:4])} non-finite (NaN or inf); "
+                            "lower the learning rates (server.lr, local.lr)")
                     bar.set_postfix_str(_short(record))
                     if self.on_eval is not None:
                         self.on_eval(r, record)
@@ -235,4 +266,5 @@ def _progress(total: int, initial: int, enabled: bool, desc: str):
 
 
 def write_summary(run_dir: Path, summary: dict[str, Any]) -> None:
-    atomic_write_text(run_dir / "summary.json", json.dumps(summary, indent=2, sort_keys=True) + "\n")
+    """``summary.json``, strict JSON (non-finite numbers as null)."""
+    atomic_write_text(run_dir / "summary.json", dumps_json(summary, indent=2, sort_keys=True) + "\n")

@@ -3,20 +3,20 @@
 from __future__ import annotations
 
 import argparse
-import json
 from typing import Any
 
 
 def _cmd_simulate(args: argparse.Namespace) -> int:
     import logging
 
+    from shn.federated.records import dumps_json
     from shn.flower.engine import simulate
 
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines; no duplicates
     result = simulate(args.config, overrides=args.overrides, supernodes=args.supernodes, run_dir=args.out,
                       cpus_per_client=args.cpus_per_client, verbose=args.flower_verbose)
     metrics = {k: round(v, 4) for k, v in result.summary["metrics"].items() if k.startswith(("test_", "val_"))}
-    print(json.dumps({"run_dir": str(result.run_dir), "method": result.config.method,
+    print(dumps_json({"run_dir": str(result.run_dir), "method": result.config.method,
                       "task": result.config.task.name, "failed_clients": result.summary["failed_clients"],
                       "rejected_updates": result.summary["rejected_updates"], **metrics}))
     return 0

@@ -10,7 +10,9 @@ Protocol (Flower Message API, one SuperNode = one client, identity = ``partition
 
 * ``query``: the client replies with its ``context.node_config["partition-id"]`` (identity is
   the partition id, never the random node id). It loads nothing: a deployed SuperNode starts a
-  fresh process per message, and ``flower_app`` answers this one without importing torch.
+  fresh process per message, and ``flower_app`` answers this one without importing torch. The
+  ServerApp checks the claims (:mod:`shn.flower.identity`): a partition claimed by two nodes is
+  used by neither, and with ``partition-map`` a node may only be the client the map binds it to.
 * ``train``: per sampled client, its personalised weights (``algorithm.weights_for``) as the
   ArrayRecord ``"arrays"`` and a ConfigRecord ``"config"`` (round, client, its slot in the round's
   cohort, cohort size, config text). The client trains with the round's generator
@@ -20,7 +22,9 @@ Protocol (Flower Message API, one SuperNode = one client, identity = ``partition
   validated exactly as in-process. A client that errors or does not answer within
   ``round-timeout`` is counted in ``failed_clients``; the round completes with the others.
 * ``evaluate``: every ``eval_every`` rounds, every client gets its weights and replies with its
-  val/test metrics; the record is the mean over clients, as in-process.
+  val/test metrics; the record is the mean over clients, as in-process. Replies are validated
+  (:func:`shn.federated.validation.validate_metrics`: the task's metric names only, finite,
+  within each metric's range); a rejected one is logged and counted in ``rejected_evaluations``.
 
 Personal tensors (FedPer heads, personal input layers, Local's whole model) live in the node's
 ``context.state`` (ArrayRecord ``shn.personal.<client>``) and are never sent.
@@ -38,6 +42,8 @@ Run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, ``--run
 ``min-nodes``       clients to wait for before round 1 (0 = every client of the task).
 ``node-timeout``    seconds to wait for them.
 ``round-timeout``   seconds to wait for the replies of one round (or evaluation chunk).
+``partition-map``   TOML file ``"<node id>" = <partition>`` binding clients to node ids (looked
+                    up like ``config``); "" = none (contested partitions are dropped).
 ==================  =======================================================================
 
 Any other key given programmatically (``run_simulation`` defaults, tests) is an override too:
@@ -75,6 +81,9 @@ from shn.federated.local import LocalTrainer
 from shn.federated.records import atomic_write_text
 from shn.federated.simulation import RoundFaults, Simulation, write_summary
 from shn.flower.grid import InProcessGrid
+from shn.federated.validation import expected_metric_keys, validate_metrics
+from shn.flower.identity import discover_clients, load_partition_map
+from shn.flower.identity import message as _message
 from shn.registry import METHODS
 from shn.runner import INFERRED_GRAPHS, Built, RunResult, build, make_summary, make_task
 from shn.seeding import torch_generator
@@ -90,8 +99,9 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "min-nodes": 0,
     "node-timeout": 300.0,
     "round-timeout": 600.0,
+    "partition-map": "",
 }
-ENGINE_KEYS = ("run-dir", "min-nodes", "node-timeout", "round-timeout")
+ENGINE_KEYS = ("run-dir", "min-nodes", "node-timeout", "round-timeout", "partition-map")
 
 PERSONAL_PREFIX = "shn.personal."
 EVAL_CHUNK = 64  # clients per evaluation exchange (the in-process engine's chunk: same numbers)
@@ -106,6 +116,7 @@ class EngineSettings:
     min_nodes: int = 0  # 0: every client of the task
     node_timeout: float = 300.0
     round_timeout: float = 600.0
+    partition_map: Path | None = None  # None: no binding of partitions to node ids
 
 
 def resolve_run_config(run_config: Mapping[str, Any], app_dir: str | Path | None = None) -> tuple[RunConfig, EngineSettings]:
@@ -114,7 +125,7 @@ def resolve_run_config(run_config: Mapping[str, Any], app_dir: str | Path | None
     data: dict[str, Any] = {}
     path = str(rc.pop("config") or "").strip()
     if path:
-        data = read_config(_find_config(path, app_dir))
+        data = read_config(_find_config(path, app_dir, "config"))
     overrides = shlex.split(str(rc.pop("overrides") or ""))
     data = apply_overrides(data, overrides)
     rounds = int(rc.pop("num-rounds") or 0)
@@ -131,22 +142,24 @@ def resolve_run_config(run_config: Mapping[str, Any], app_dir: str | Path | None
         node[parts[-1]] = value
     config = config_from_dict(data)
     run_dir = str(engine["run-dir"] or "").strip()
+    partition_map = str(engine["partition-map"] or "").strip()
     settings = EngineSettings(
         run_dir=Path(run_dir) if run_dir else None,
         min_nodes=int(engine["min-nodes"]),
         node_timeout=float(engine["node-timeout"]),
         round_timeout=float(engine["round-timeout"]),
+        partition_map=_find_config(partition_map, app_dir, "partition-map") if partition_map else None,
     )
     return config, settings
 
 
-def _find_config(path: str, app_dir: str | Path | None) -> Path:
+def _find_config(path: str, app_dir: str | Path | None, key: str = "config") -> Path:
     p = Path(path).expanduser()
     candidates = [p] if p.is_absolute() else ([Path(app_dir) / p] if app_dir else []) + [Path.cwd() / p]
     for c in candidates:
         if c.is_file():
             return c
-    raise ConfigError(f"run config 'config': {path!r} not found (looked in {', '.join(map(str, candidates))})")
+    raise ConfigError(f"run config {key!r}: {path!r} not found (looked in {', '.join(map(str, candidates))})")
 
 
 def config_text(config: RunConfig) -> str:
@@ -160,10 +173,6 @@ def default_run_dir(config: RunConfig) -> Path:
 
 # ----------------------------------------------------------------------------------------------
 # the server
-
-def _message(content: Any, node_id: int, message_type: str, group: str) -> Any:
-    return Message(content=content, dst_node_id=int(node_id), message_type=message_type, group_id=group)
-
 
 def _arrays(tensors: Mapping[str, Tensor]) -> Any:
     return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
@@ -184,6 +193,8 @@ class FlowerSimulation(Simulation):
         self.round_timeout = round_timeout
         self.text = config_text(config)
         self.failed_evaluations = 0
+        self.rejected_evaluations = 0  # evaluation replies that failed validate_metrics
+        self._expected: frozenset[str] | None = None  # the task's metric names (computed once)
 
     def _send(self, kind: str, group: str, clients: Sequence[int], weights: Mapping[str, Tensor],
               extra: Callable[[int], dict[str, Any]]) -> dict[int, Any]:
@@ -239,12 +250,32 @@ class FlowerSimulation(Simulation):
             chunk = clients[s:s + self.eval_chunk]
             replies = self._send("evaluate", f"eval-{s}", chunk, eval_weights(self.algorithm, chunk), lambda i: {})
             for c in chunk:
-                row = _parse_metrics(replies.get(c))
-                if row is None:
+                if c not in replies:
                     self.failed_evaluations += 1
+                    continue
+                row, reason = self._checked_metrics(c, replies[c])
+                if reason is not None:
+                    self.rejected_evaluations += 1
+                    log.warning("rejected the evaluation report of client %d: %s", c, reason)
                 else:
                     out[c] = row
         return out
+
+    def _checked_metrics(self, client: int, content: Any) -> tuple[dict[str, float], str | None]:
+        """A reply's metrics as floats, or the reason they are rejected (nothing a client
+        reports reaches the record unchecked)."""
+        if self._expected is None:
+            trainer = self.runtime.trainer
+            self._expected = expected_metric_keys(self.runtime.task, trainer.template_for, self.pool,
+                                                  self.config.device)
+        try:
+            row = dict(content["metrics"].items())
+        except Exception as e:  # noqa: BLE001 - malformed reply
+            return {}, f"unreadable reply ({type(e).__name__}: {str(e)[:200]})"
+        reason = validate_metrics(row, self._expected, client)
+        if reason is not None:
+            return {}, reason
+        return {k: float(v) for k, v in row.items() if k != "partition-id"}, None
 
 
 def _parse_fit(content: Any) -> tuple[Any, Any, float | None]:
@@ -262,54 +293,6 @@ def _parse_fit(content: Any) -> tuple[Any, Any, float | None]:
     except Exception:  # noqa: BLE001
         n, loss = None, None
     return delta, n, loss
-
-
-def _parse_metrics(content: Any) -> dict[str, float] | None:
-    if content is None:
-        return None
-    try:
-        return {k: float(v) for k, v in content["metrics"].items() if k != "partition-id"}
-    except Exception:  # noqa: BLE001
-        return None
-
-
-def discover_clients(grid: Any, text: str, wanted: Sequence[int], min_nodes: int, timeout: float,
-                     poll: float = 0.5) -> dict[int, int]:
-    """Ask every connected node for its partition id (a ``query`` message) until ``min_nodes``
-    of the ``wanted`` clients are known; ``{client: node id}``."""
-    wanted_set = set(int(c) for c in wanted)
-    clients: dict[int, int] = {}
-    asked: set[int] = set()
-    deadline = time.monotonic() + timeout
-    while True:
-        new = sorted(set(int(n) for n in grid.get_node_ids()) - asked)
-        if new:
-            msgs = [_message(RecordDict({"config": ConfigRecord({"shn-config": text})}), n, "query", "discover")
-                    for n in new]
-            asked.update(new)
-            for reply in grid.send_and_receive(msgs, timeout=max(1.0, deadline - time.monotonic())):
-                node = int(reply.metadata.src_node_id)
-                if reply.has_error():
-                    log.warning("node %d did not say which client it is: %s", node, reply.error.reason)
-                    continue
-                try:
-                    c = int(reply.content["metrics"]["partition-id"])
-                except Exception as e:  # noqa: BLE001 - not our ClientApp
-                    log.warning("node %d sent an unreadable query reply (%s); ignored", node, e)
-                    continue
-                if c not in wanted_set:
-                    log.warning("node %d holds partition %d, which is not a training client of this task", node, c)
-                elif c in clients:
-                    log.warning("node %d also holds partition %d (node %d has it); ignored", node, c, clients[c])
-                else:
-                    clients[c] = node
-        if len(clients) >= min_nodes:
-            flwr_log(logging.INFO, "shn: %d clients connected: partitions %s", len(clients), sorted(clients))
-            return clients
-        if time.monotonic() > deadline:
-            raise RuntimeError(f"only {len(clients)} of {min_nodes} clients connected within {timeout:.0f} s "
-                               f"(partitions {sorted(clients)}); start more SuperNodes or lower min-nodes")
-        time.sleep(poll)
 
 
 def run_federation(grid: Any, config: RunConfig, settings: EngineSettings = EngineSettings()) -> RunResult:
@@ -331,7 +314,8 @@ def run_federation(grid: Any, config: RunConfig, settings: EngineSettings = Engi
         log.warning("post-training steps of %s (e.g. novel-client evaluation) are not run by the Flower engine",
                     config.method)
     text = config_text(config)
-    nodes = discover_clients(grid, text, wanted, min_nodes, settings.node_timeout)
+    bound = load_partition_map(settings.partition_map, task.num_clients) if settings.partition_map else None
+    nodes = discover_clients(grid, text, wanted, min_nodes, settings.node_timeout, partition_map=bound)
     pool = sorted(nodes)
     if pool != wanted:
         log.warning("training on partitions %s of the task's %d clients", pool, len(wanted))
@@ -350,6 +334,7 @@ def run_federation(grid: Any, config: RunConfig, settings: EngineSettings = Engi
                            result.failed_clients, result.wall_time_s)
     summary["engine"] = "flower"
     summary["failed_evaluations"] = sim.failed_evaluations
+    summary["rejected_evaluations"] = sim.rejected_evaluations
     write_summary(run_dir, summary)
     flwr_log(logging.INFO, "shn: finished; summary in %s", run_dir / "summary.json")
     return RunResult(config, summary, result.history, result.per_client, run_dir, built.algorithm,
