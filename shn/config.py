@@ -100,6 +100,7 @@ class EncoderConfig:
     stalk_dim: int = 3
     hidden_channels: int = 16
     sheaf_type: Literal["diag", "orth", "general"] = "diag"
+    sheaf_act: Literal["tanh", "elu", "id"] = "tanh"  # on the learned map entries / Householder parameters (NSD)
     normalised: bool = True
     nonlinear: bool = True
     edge_weights: bool | None = None  # None: NSD default (on for orth)

@@ -45,7 +45,7 @@ class SheafEncoder(Encoder):
         self.diffusion = SheafDiffusion(
             in_dim, config.stalk_dim, config.hidden_channels, config.layers, config.sheaf_type,
             normalised=config.normalised, nonlinear=config.nonlinear, edge_weights=config.edge_weights,
-            dropout=config.dropout,
+            dropout=config.dropout, sheaf_act=config.sheaf_act,
         )
         self.out_dim = self.diffusion.out_dim
 

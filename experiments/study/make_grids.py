@@ -17,6 +17,8 @@ SETTINGS = {
                 ["rounds=60", "eval_every=20", "checkpoint_every=20", "local.steps=20"]),
     "beijing": ("experiments/configs/weather_beijing.toml",
                 ["rounds=60", "eval_every=20", "checkpoint_every=20", "local.steps=20"]),
+    "chickenpox": ("experiments/configs/chickenpox.toml",
+                   ["rounds=60", "eval_every=20", "checkpoint_every=20", "local.steps=20"]),
 }
 
 

@@ -206,7 +206,8 @@ class SheafLearner(nn.Module):
     """Predicts restriction maps from endpoint features (NSD's ``LocalConcatSheafLearner``).
 
     ``F_{u◁uv} = act(W [x_u ‖ x_v])``, ``W`` a bias-free linear map to ``p`` outputs: ``p = d``
-    (diag), ``d(d−1)/2`` Householder parameters (orth; no activation, as NSD) or ``d²`` (general).
+    (diag), ``d(d−1)/2`` Householder parameters (orth: ``F = Householder(act(W [x_u ‖ x_v]))``, the
+    activation applied to the parameters as NSD's learner does) or ``d²`` (general).
     Optional edge weights ``w_uv = σ(a·[x_u ‖ x_v]) σ(a·[x_v ‖ x_u])`` (NSD's ``EdgeWeightLearner``,
     symmetric by construction).
 
@@ -217,7 +218,8 @@ class SheafLearner(nn.Module):
         stalk_dim: ``d``.
         hidden_channels: ``h``; node features have width ``d·h``.
         sheaf_type: ``"diag" | "orth" | "general"`` (or ``"diagonal"``, ``"orthogonal"``).
-        sheaf_act: ``"tanh" | "elu" | "id"`` on the map entries (diag and general).
+        sheaf_act: ``"tanh" | "elu" | "id"`` on the map entries (diag, general) or on the
+            Householder parameters (orth); NSD's default ``"tanh"``.
         edge_weights: learn edge weights; ``None`` → NSD's default (on for orth, off otherwise).
     """
 
@@ -268,7 +270,7 @@ class SheafLearner(nn.Module):
             gate_u, gate_v = _halves(torch.sigmoid(gate.squeeze(0)))
             weight = gate_u * gate_v
         if self.sheaf_type == "orth":
-            maps = _householder_cm(pre, d)
+            maps = _householder_cm(_ACTIVATIONS[self.sheaf_act](pre), d)
         else:
             maps = _ACTIVATIONS[self.sheaf_act](pre)
             if self.sheaf_type == "general":
