@@ -2,6 +2,7 @@
 # The issue-19/20 runs on a GPU machine with many cores, in one call:
 #   MODE=smoke  bash experiments/study/device_run.sh   # GPU check, timings, 2-round smoke of every suite
 #   MODE=full   bash experiments/study/device_run.sh   # the studies (resumable; stops at $BUDGET s)
+#   MODE=grid SETTING=beijing bash experiments/study/device_run.sh   # one setting's grid, selection, 5 seeds (CPU)
 # Expects the datasets under .devdata/ (copied there from ../shared/datasets) and writes one
 # tarball of experiments/results/study and experiments/results/cifar10_paper to $OUT.
 set -u
@@ -12,7 +13,7 @@ START=$SECONDS
 BUDGET=${BUDGET:-500}
 left() { echo $((BUDGET - (SECONDS - START))); }
 mkdir -p ../shared/datasets
-for d in .devdata/*; do ln -sfn "$PWD/$d" "../shared/datasets/$(basename "$d")"; done
+for d in .devdata*/*; do ln -sfn "$PWD/$d" "../shared/datasets/$(basename "$d")"; done
 SHN="python3 -m shn.cli --threads 1"
 pack() { tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.pt.tmp' experiments/results/study experiments/results/cifar10_paper 2>/dev/null; }
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv | tee "$OUT/gpu.txt"
@@ -33,6 +34,19 @@ if [ "${MODE:-smoke}" = smoke ]; then
   wait
   cp /tmp/smoke/paper/summary.json "$OUT/smoke_paper_summary.json" 2>/dev/null
   tail -5 "$OUT"/*.log
+  exit 0
+fi
+
+if [ "${MODE:-smoke}" = grid ]; then
+  S=${SETTING:?}
+  mkdir -p experiments/results/study
+  ( timeout $(( $(left) - 15 )) $SHN suite experiments/study/${S}_grid.toml --jobs ${CPU_JOBS:-16} --no-progress \
+      && python3 experiments/study/select.py $S \
+      && timeout $(( $(left) - 15 )) $SHN suite experiments/study/${S}_tuned.toml --jobs ${CPU_JOBS:-16} --no-progress ) \
+      > "$OUT/${S}_study.log" 2>&1
+  cp experiments/study/${S}_tuned.toml "$OUT/" 2>/dev/null
+  tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.pt.tmp' experiments/results/study/${S}-grid experiments/results/study/${S} 2>/dev/null
+  tail -n 3 "$OUT/${S}_study.log"
   exit 0
 fi
 
