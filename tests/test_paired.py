@@ -79,3 +79,21 @@ def test_cli_compare_and_its_errors(tmp_path, capsys):
     assert main(["compare", str(empty)]) == 2
     assert main(["compare", str(tmp_path / "missing")]) == 2
     assert "missing" in capsys.readouterr().err
+
+
+def test_report_opens_with_the_paired_table(tmp_path):
+    from shn.report import build_report
+
+    root = tmp_path / "suite"
+    for s in range(3):
+        for method, value in (("pfedhn", 0.5), ("shn", 0.6)):
+            d = root / "cifar" / method / f"seed{s}"
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps({
+                "method": method, "task": "cifar10", "seed": s, "primary_metric": "test_accuracy",
+                "metrics": {"test_accuracy": value + 0.01 * s}, "best_val": {"round": 1, "metrics": {
+                    "test_accuracy": value + 0.01 * s + (0.001 * s if method == "shn" else 0.0)}}}))
+            (d / "config.toml").write_text(f'method = "{method}"\nseed = {s}\n')
+    md = build_report([root], out=tmp_path / "rep", reference="pfedhn").read_text()
+    assert md.index("## Paired comparison") < md.index("## Main table")
+    assert "| cifar | shn | 3 |" in md and "win" in md and (tmp_path / "rep" / "paired.csv").is_file()

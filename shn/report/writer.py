@@ -12,9 +12,11 @@ from shn.report.tables import detail_table, horizon_table, main_table, write_csv
 __all__ = ["build_report"]
 
 
-def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report") -> Path:
+def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", reference: str | None = None) -> Path:
     """Write ``report.md``, ``results.csv``, ``runs.csv`` and the figures to ``out``; return the
-    path of ``report.md``."""
+    path of ``report.md``. With ``reference`` (a method folder name of the suite layout
+    ``<dir>/<setting>/<method>/seed<s>/``), the report opens with the paired comparison of
+    :mod:`shn.paired` (``paired.md`` / ``paired.csv``)."""
     runs = find_runs(run_dirs)
     if not runs:
         raise FileNotFoundError(f"no run (summary.json) found under {', '.join(map(str, run_dirs))}")
@@ -59,6 +61,15 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report") -> 
              "Cells: test metric at the end of training, mean ± sample std (ddof=1) over seeds (a single run: "
              "its value). Bold: best per column (max for accuracy, min for loss / mse / mae / rmse).", "",
              "## Main table", "", main_table(groups), ""]
+    if reference is not None:
+        from shn.paired import compare, markdown
+
+        rows = compare([d for d in run_dirs if Path(d).is_dir()], reference=reference, out=out)
+        if rows:
+            lines[4:4] = ["## Paired comparison", "",
+                          f"Test metric at the best validation round, mean ± std over seeds; Δ = method − {reference} "
+                          "on the same seeds with a 95 % t-interval; win / loss when it excludes 0.", "",
+                          markdown(rows, reference), ""]
     for s in settings:
         gs = [g for g in groups if g.setting == s]
         lines += [f"## {s}", "", detail_table(gs), ""]
