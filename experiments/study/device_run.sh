@@ -41,7 +41,7 @@ if [ "${MODE:-smoke}" = grid ]; then
   S=${SETTING:?}
   mkdir -p experiments/results/study
   ( timeout $(( $(left) - 15 )) $SHN suite experiments/study/${S}_grid.toml --jobs ${CPU_JOBS:-16} --no-progress \
-      && python3 experiments/study/select.py $S \
+      && python3 experiments/study/choose_trials.py $S \
       && timeout $(( $(left) - 15 )) $SHN suite experiments/study/${S}_tuned.toml --jobs ${CPU_JOBS:-16} --no-progress ) \
       > "$OUT/${S}_study.log" 2>&1
   cp experiments/study/${S}_tuned.toml "$OUT/" 2>/dev/null
@@ -62,7 +62,7 @@ timeout $(( $(left) - 25 )) $SHN suite experiments/study/cifar10_dir.toml --jobs
    --no-progress > "$OUT/cifar_study.log" 2>&1 &
 pids+=($!)
 ( timeout $(( $(left) - 25 )) $SHN suite experiments/study/losloop_grid.toml --jobs ${CPU_JOBS:-8} --no-progress \
-    && python3 experiments/study/select.py losloop \
+    && python3 experiments/study/choose_trials.py losloop \
     && timeout $(( $(left) - 25 )) $SHN suite experiments/study/losloop_tuned.toml --jobs ${CPU_JOBS:-8} --no-progress ) \
     > "$OUT/losloop_study.log" 2>&1 &
 pids+=($!)

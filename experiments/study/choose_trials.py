@@ -1,7 +1,7 @@
 """Phase B of the issue-19 study: choose each method's trial of a phase-A grid on validation and
 write the paired 5-seed suite with the chosen values.
 
-    python experiments/study/select.py losloop     # reads experiments/results/study/losloop-grid
+    python experiments/study/choose_trials.py losloop     # reads experiments/results/study/losloop-grid
                                                    # writes experiments/study/losloop_tuned.toml and
                                                    # experiments/results/study/losloop-grid/trials.csv
 
@@ -64,7 +64,7 @@ def tuned_suite(setting: str, best: dict[str, dict]) -> str:
 
     lines = [
         f"# Phase B of the issue-19 study on {setting}: paired seeds 0-4, each method with the trial",
-        f"# experiments/study/select.py chose on validation (experiments/results/study/{setting}-grid/trials.csv).",
+        f"# experiments/study/choose_trials.py chose on validation (experiments/results/study/{setting}-grid/trials.csv).",
         "# Equal budget: 600 client updates per run; kNN-graph methods spend 300 in stage 1 (pFedHN)",
         "# and 300 in stage 3, continuing from the whole stage-1 hypernetwork. Generated; do not edit.",
         f'out = "experiments/results/study/{setting}"',
