@@ -16,9 +16,21 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from shn.paired import compare, markdown  # noqa: E402
+from shn.paired import compare, load_runs, markdown, paired_rows  # noqa: E402
 
 SETTINGS = ["cifar10-dir0.1", "losloop", "beijing", "chickenpox"]
+
+
+# SHN against GHN on the same graph: the identity-sheaf ablation
+SHN_VS_GHN = [("shn-given", "ghn-given"), ("shn-given-replace", "ghn-given"), ("shn-knn", "ghn-knn")]
+
+
+def replace_block(text: str, name: str, table: str) -> str:
+    block = f"<!-- {name}:start -->\n{table}<!-- {name}:end -->"
+    new, n = re.subn(rf"<!-- {name}:start -->.*?<!-- {name}:end -->", lambda _: block, text, flags=re.S)
+    if n != 1:
+        raise SystemExit(f"README.md: expected one <!-- {name}:start --> … <!-- {name}:end --> block")
+    return new
 
 
 def main() -> None:
@@ -26,14 +38,17 @@ def main() -> None:
     roots = [study / s for s in SETTINGS if (study / s).is_dir()]
     rows = compare(roots, reference="pfedhn", out=study / "paired")
     table = markdown(rows, "pfedhn")
+    vs_ghn = []
+    for root in roots:
+        for setting, runs in load_runs(root).items():
+            for shn, ghn in SHN_VS_GHN:
+                if shn in runs and ghn in runs:
+                    vs_ghn += [r for r in paired_rows({ghn: runs[ghn], shn: runs[shn]}, setting, ghn) if r.method == shn]
+    ghn_table = markdown(vs_ghn, "GHN on the same graph")
     readme = ROOT / "README.md"
-    text = readme.read_text()
-    block = f"<!-- paired:start -->\n{table}<!-- paired:end -->"
-    new, n = re.subn(r"<!-- paired:start -->.*?<!-- paired:end -->", lambda _: block, text, flags=re.S)
-    if n != 1:
-        raise SystemExit("README.md: expected one <!-- paired:start --> … <!-- paired:end --> block")
-    readme.write_text(new)
-    print(table)
+    text = replace_block(readme.read_text(), "paired", table)
+    readme.write_text(replace_block(text, "vsghn", ghn_table))
+    print(table + "\n" + ghn_table)
 
 
 if __name__ == "__main__":
