@@ -1,6 +1,6 @@
 """The ``shn`` command line.
 
-    shn run CONFIG [--set KEY=VALUE]... [--out DIR] [--resume]
+    shn run CONFIG [--set KEY=VALUE]... [--out DIR] [--resume | --force]
     shn pipeline CONFIG [...]         three-stage SHN: pFedHN → graph from embeddings → SHN
     shn sweep CONFIG --trials N --storage URL [--workers W] [--study NAME]
     shn suite SUITE.toml [--jobs N]   every (method, task, seed) of a comparison, resumable
@@ -12,8 +12,9 @@
 ``shn --threads N <command>`` caps torch's CPU threads (several experiments side by side: N=1
 each; oversubscribed cores make torch several times slower).
 
-User errors (bad config, missing or malformed file, an unsafe or foreign checkpoint, a full disk)
-end in one line on stderr and exit code 2; a run whose metrics go non-finite (diverged) ends in
+User errors (bad config, missing or malformed file, an unsafe or foreign checkpoint, a full disk,
+a run directory in use by another process, holding a run that would be replaced, or resumed with
+another config) end in one line on stderr and exit code 2; a run whose metrics go non-finite (diverged) ends in
 one line and exit code 1. Printed JSON is strict (non-finite numbers as null).
 """
 
@@ -40,7 +41,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set server.lr=0.01 (repeatable)")
     p.add_argument("--out", help="run directory (default runs/<config>/<method>-<task>-seed<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last checkpoint (same config; more rounds extend it)")
+    again.add_argument("--force", action="store_true",
+                       help="replace the run in --out (its checkpoints, metrics and summary are removed first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -53,9 +58,10 @@ def _cmd_run(args: argparse.Namespace, pipeline: bool = False) -> int:
     if pipeline:
         from shn.pipeline import run_pipeline
 
-        result = run_pipeline(config, run_dir=run_dir, resume=args.resume, progress=not args.no_progress)
+        result = run_pipeline(config, run_dir=run_dir, resume=args.resume, overwrite=args.force,
+                              progress=not args.no_progress)
     else:
-        result = run(config, run_dir=run_dir, resume=args.resume, progress=not args.no_progress)
+        result = run(config, run_dir=run_dir, resume=args.resume, overwrite=args.force, progress=not args.no_progress)
     from shn.federated.records import dumps_json
 
     metrics = {k: round(v, 4) for k, v in result.summary["metrics"].items()
@@ -185,6 +191,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DataError = ValueError  # type: ignore[misc,assignment]
     from shn.federated.records import CheckpointError, WriteError
     from shn.federated.simulation import DivergedError
+    from shn.rundir import RunDirError
 
     if args.threads is not None and args.threads < 1:
         print(f"shn: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
@@ -194,7 +201,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with torch_threads(args.threads):  # restored after: main() also runs in-process (tests)
             return int(args.func(args) or 0)
-    except (ConfigError, DataError, CheckpointError, WriteError, UserError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, WriteError, RunDirError, UserError, FileNotFoundError) as e:
         print(f"shn: error: {e}", file=sys.stderr)
         return 2
     except DivergedError as e:

@@ -33,6 +33,7 @@ from shn.federated.records import read_jsonl
 from shn.federated.simulation import EvalCallback
 from shn.pipeline import publish_stage1, run_pipeline
 from shn.registry import METHODS
+from shn.rundir import claim_early
 from tasks.base import Task
 
 __all__ = ["INFERRED_GRAPHS", "Built", "RunResult", "build", "client_templates", "execute", "load_run", "make_summary",
@@ -52,17 +53,25 @@ def torch_threads(n: int | None) -> Iterator[None]:
 
 
 def run(config: RunConfig, *, task: Task | None = None, run_dir: str | Path | None = None, resume: bool = False,
-        progress: bool = True, on_eval: EvalCallback | None = None, **build_kwargs: Any) -> RunResult:
-    """Run one federated experiment in-process; write ``run_dir`` when given."""
+        overwrite: bool = False, progress: bool = True, on_eval: EvalCallback | None = None,
+        **build_kwargs: Any) -> RunResult:
+    """Run one federated experiment in-process; write ``run_dir`` when given.
+
+    A ``run_dir`` holding a run is refused (:class:`shn.rundir.RunDirError`) unless ``resume``
+    continues it (same training-relevant config; ``rounds`` may grow, which extends the run) or
+    ``overwrite`` replaces it; the directory is locked while the run writes it."""
     entry = METHODS.get(config.method)
     if entry.meta.get("needs_graph") and build_kwargs.get("graph") is None and config.graph.kind in INFERRED_GRAPHS:
-        return run_pipeline(config, task=task, run_dir=run_dir, resume=resume, progress=progress, on_eval=on_eval)
-    built = build(config, task=task, **build_kwargs)
-    if config.graph.stage1_cache and build_kwargs.get("warm_embeddings") is None:
-        publish = publish_stage1(config, built.context.held_out)
-        if publish is not None:
-            built.context.extras.setdefault("after_training", []).insert(0, publish)
-    return execute(built, run_dir=run_dir, resume=resume, progress=progress, on_eval=on_eval)
+        return run_pipeline(config, task=task, run_dir=run_dir, resume=resume, overwrite=overwrite,
+                            progress=progress, on_eval=on_eval)
+    with claim_early(run_dir, config, resume=resume, overwrite=overwrite):  # a refusal before the build
+        built = build(config, task=task, **build_kwargs)
+        if config.graph.stage1_cache and build_kwargs.get("warm_embeddings") is None:
+            publish = publish_stage1(config, built.context.held_out)
+            if publish is not None:
+                built.context.extras.setdefault("after_training", []).insert(0, publish)
+        return execute(built, run_dir=run_dir, resume=resume, overwrite=overwrite, progress=progress,
+                       on_eval=on_eval)
 
 
 INFERRED_GRAPHS = ("knn", "threshold", "learned")

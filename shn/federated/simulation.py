@@ -16,6 +16,7 @@ from shn.config import RunConfig
 from shn.federated.algorithm import Algorithm, eval_weights
 from shn.federated.client import ClientRuntime
 from shn.federated.records import (
+    CheckpointError,
     MetricsLog,
     atomic_write_text,
     check_run_state,
@@ -140,6 +141,9 @@ class Simulation:
             if found is not None:
                 source, state = found
                 check_run_state(state, source)
+                if int(state["round"]) > cfg.rounds:  # (shn.rundir refuses this earlier, from config.toml)
+                    raise CheckpointError(f"{source}: the checkpoint is at round {state['round']}, past this config's "
+                                          f"rounds = {cfg.rounds}; a resumed run keeps or extends its rounds")
                 with restoring(source):
                     self._load(state)
                 start_round, elapsed = int(state["round"]) + 1, float(state["elapsed"])
