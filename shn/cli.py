@@ -21,11 +21,12 @@ one line and exit code 1. Printed JSON is strict (non-finite numbers as null).
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from shn.federated.records import dumps_json
 
 
 class UserError(Exception):
@@ -62,8 +63,6 @@ def _cmd_run(args: argparse.Namespace, pipeline: bool = False) -> int:
                               progress=not args.no_progress)
     else:
         result = run(config, run_dir=run_dir, resume=args.resume, overwrite=args.force, progress=not args.no_progress)
-    from shn.federated.records import dumps_json
-
     metrics = {k: round(v, 4) for k, v in result.summary["metrics"].items()
                if k.startswith(("test_", "val_")) and isinstance(v, (int, float))}
     print(dumps_json({"run_dir": str(run_dir), "method": config.method, "task": config.task.name, **metrics}))
@@ -76,7 +75,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     best = sweep(args.config, trials=args.trials, storage=args.storage, workers=args.workers, study_name=args.study,
                  overrides=args.overrides, out=args.out, pruner=args.pruner, n_startup_trials=args.n_startup_trials,
                  n_warmup_steps=args.n_warmup_steps, progress=not args.no_progress)
-    print(json.dumps(best))
+    print(dumps_json(best))
     if best["best_config"] is None:
         print("shn: error: no trial completed, so there is no best config (see trials.csv)", file=sys.stderr)
         return 1
@@ -88,7 +87,7 @@ def _cmd_suite(args: argparse.Namespace) -> int:
 
     result = run_suite(args.suite, out=args.out, only=args.only, progress=not args.no_progress, jobs=args.jobs,
                        extra=args.overrides)
-    print(json.dumps(result.as_dict()))
+    print(dumps_json(result.as_dict()))
     return 1 if result.failed else 0
 
 
@@ -116,7 +115,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from shn.inspect import format_description, inspect_config
 
     desc = inspect_config(load_config(args.config, args.overrides))
-    print(json.dumps(desc) if args.json else format_description(desc))
+    print(dumps_json(desc) if args.json else format_description(desc))
     return 0
 
 

@@ -371,3 +371,21 @@ def test_disk_full_while_appending_metrics_leaves_the_log_readable(tmp_path, mon
         metrics.append({"round": 2, "x": 0.25})
     monkeypatch.undo()
     assert read_jsonl(tmp_path / "metrics.jsonl") == [{"round": 1, "x": 0.5}]
+
+
+def test_every_torch_load_in_the_library_is_weights_only():
+    """No file read by shn or its tasks can run code: every torch.load passes weights_only=True."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    calls = []
+    for folder in ("shn", "tasks", "baselines", "experiments"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text()
+            for m in re.finditer(r"torch\.load\(", text):
+                end = text.find("\n", text.find(")", m.end()))
+                calls.append((f"{path.relative_to(root)}:{text.count(chr(10), 0, m.start()) + 1}", text[m.start():end]))
+    code = [(where, call) for where, call in calls if not call.startswith("torch.load(...")]
+    assert code, "no torch.load found: the scan is broken"
+    unsafe = [where for where, call in code if "weights_only=True" not in call]
+    assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
