@@ -21,7 +21,7 @@ from shn.federated.client import ClientRuntime, PersonalStore
 from shn.federated.local import ClientStore, LocalTrainer
 from shn.federated.attacks import ClientAttack
 from shn.federated.records import atomic_write_text, mean_over_clients
-from shn.federated.simulation import EvalCallback, RoundFaults, Simulation, write_summary
+from shn.federated.simulation import EvalCallback, RoundFaults, Simulation, nonfinite_clients, write_summary
 from shn.methods import MethodContext
 from shn.registry import METHODS, TASKS
 from shn.run_graph import resolve_graph
@@ -253,6 +253,7 @@ def make_summary(config: RunConfig, task: Task, history: list[dict[str, Any]], p
         "budget": {"client_updates": int(last.get("client_updates", 0))},
         "rejected_updates": rejected,
         "failed_clients": failed,
+        "nonfinite_clients": nonfinite_clients(per_client, name),  # left out of the means
         "wall_time_s": round(wall_time, 3),
         **extra,
     }
