@@ -68,6 +68,16 @@ def test_weather_absurd_value_is_one_line_exit_2_from_the_command_line(tmp_path,
     assert len(err.splitlines()) == 1 and "third_site.csv" in err and "TEMP" in err
 
 
+def test_traffic_absurd_speed_is_refused_naming_file_and_sensor(tmp_path):
+    from tasks.traffic import TrafficOptions, make_traffic
+    from tests.test_forecasting import _write_traffic
+
+    _write_traffic(tmp_path, n=3, steps=120)
+    _set_cell(tmp_path / "los_speed.csv", "701", 100, "1e308")
+    with pytest.raises(DataError, match=r"los_speed\.csv: task 'traffic', client '701'.*cannot be standardised"):
+        make_traffic(TrafficOptions(data_dir=str(tmp_path), input_len=4, output_len=3), seed=0)
+
+
 def test_timeseries_absurd_value_is_refused_naming_file_and_column(tmp_path):
     path = tmp_path / "flow.csv"
     write_wide(path)
