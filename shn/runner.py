@@ -33,7 +33,7 @@ from shn.federated.records import read_jsonl
 from shn.federated.simulation import EvalCallback
 from shn.pipeline import publish_stage1, run_pipeline
 from shn.registry import METHODS
-from shn.rundir import claim_early
+from shn.rundir import RunDirError, claim_early
 from tasks.base import Task
 
 __all__ = ["INFERRED_GRAPHS", "Built", "RunResult", "build", "client_templates", "execute", "load_run", "make_summary",
@@ -91,8 +91,8 @@ def load_run(run_dir: str | Path) -> RunResult:
     if not cfg_path.is_file():
         raise FileNotFoundError(f"{cfg_path}: not a shn run directory (no config.toml)")
     config = load_config(cfg_path)
-    summary = json.loads((run_path / "summary.json").read_text()) if (run_path / "summary.json").is_file() else {}
-    history = read_jsonl(run_path / "metrics.jsonl") if (run_path / "metrics.jsonl").is_file() else []
+    summary = _read_run_file(run_path / "summary.json", lambda p: json.loads(p.read_text(encoding="utf-8")), {})
+    history = _read_run_file(run_path / "metrics.jsonl", read_jsonl, [])
     found = load_checkpoint_file(run_path)  # plain data only (weights_only): no code runs
     algorithm = None
     per_client: dict[int, dict[str, float]] = {}
@@ -111,3 +111,13 @@ def load_run(run_dir: str | Path) -> RunResult:
         algorithm = built.algorithm
         per_client = {int(k): v for k, v in state["per_client"].items()}
     return RunResult(config, summary, history, per_client, run_path, algorithm)
+
+
+def _read_run_file(path: Path, read: Any, default: Any) -> Any:
+    """A run directory's JSON file (``default`` when absent); a malformed one is one line."""
+    if not path.is_file():
+        return default
+    try:
+        return read(path)
+    except (OSError, ValueError) as e:  # (not UTF-8, not JSON)
+        raise RunDirError(f"{path}: not a readable run file ({type(e).__name__}: {str(e)[:200]})") from None

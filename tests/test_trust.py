@@ -389,3 +389,18 @@ def test_every_torch_load_in_the_library_is_weights_only():
     assert code, "no torch.load found: the scan is broken"
     unsafe = [where for where, call in code if "weights_only=True" not in call]
     assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
+
+
+@pytest.mark.parametrize("name, content", [("summary.json", b"{not json"), ("summary.json", b"\xff\xfe"),
+                                           ("metrics.jsonl", b'{"round": 1}\n{"round": \n')])
+def test_load_run_with_a_malformed_run_file_is_one_line(finished_run, name, content):
+    from shn.report import build_report
+    from shn.rundir import RunDirError
+
+    _, run_dir = finished_run
+    (run_dir / name).write_bytes(content)
+    with pytest.raises(RunDirError, match=rf"{name}: not a readable run file"):
+        load_run(run_dir)
+    if name == "summary.json":  # shn report skips what is not a run
+        with pytest.raises(FileNotFoundError, match="no run"):
+            build_report([run_dir], out=run_dir.parent / "report")
