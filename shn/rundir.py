@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Iterator, Mapping
 
@@ -120,11 +121,8 @@ def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def _compared(config: RunConfig, ignore: tuple[str, ...]) -> dict[str, Any]:
-    data = config_to_dict(config)
-    data.pop("sweep", None)
-    methods = data.pop("methods", {})
-    if config.method in methods:
-        data["methods"] = {config.method: methods[config.method]}
+    options = config.method_options  # the active method's, defaults filled in: given or not, the same
+    data = config_to_dict(replace(config, sweep={}, methods={} if options is None else {config.method: options}))
     flat = _flat(data)
     skip = MAY_DIFFER + ("rounds",) + ignore
     return {k: v for k, v in flat.items() if not any(k == s or k.startswith(s + ".") for s in skip)}

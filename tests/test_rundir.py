@@ -220,6 +220,11 @@ def test_resume_conflicts_lists_only_training_keys():
                                                                                      "sweep": {"local.lr": {"low": 0.1}}}))
     assert resume_conflicts(a, b) == ["local.lr"]
     assert resume_conflicts(a, b, ignore=("local",)) == []
+    fedavg = with_changes(TINY, method="fedavg")
+    defaults_given = config_from_dict(with_changes(fedavg, **{"methods.fedavg.aggregation": "mean"}))
+    assert resume_conflicts(config_from_dict(fedavg), defaults_given) == []  # the same options, spelt out
+    median = config_from_dict(with_changes(fedavg, **{"methods.fedavg.aggregation": "median"}))
+    assert resume_conflicts(config_from_dict(fedavg), median) == ["methods.fedavg.aggregation"]
 
 
 # -- 12: rounds may grow, not shrink ---------------------------------------------------------------
