@@ -33,7 +33,7 @@ def drift(run_dir: Path, k: int = 5) -> dict:
     task = make_task(stage1)
     initial = build(replace(stage1, graph=replace(stage1.graph, stage1_cache=None)), task=task)
     start = initial.algorithm.hn.embeddings.weight.detach().double()
-    final = torch.load(run_dir / "stage2_graph" / "embeddings.pt").double()
+    final = torch.load(run_dir / "stage2_graph" / "embeddings.pt", weights_only=True).double()
     moved = final - start
     groups = client_attribute(task, "groups")
     if groups is None:

@@ -21,10 +21,11 @@ from shn.federated.client import ClientRuntime, PersonalStore
 from shn.federated.local import ClientStore, LocalTrainer
 from shn.federated.attacks import ClientAttack
 from shn.federated.records import atomic_write_text, mean_over_clients
-from shn.federated.simulation import EvalCallback, RoundFaults, Simulation, write_summary
+from shn.federated.simulation import EvalCallback, RoundFaults, Simulation, nonfinite_clients, write_summary
 from shn.methods import MethodContext
 from shn.registry import METHODS, TASKS
 from shn.run_graph import resolve_graph
+from shn.rundir import claim
 from shn.seeding import seeded_init
 from shn.target import ParamSpec, module_params
 from tasks.base import Task
@@ -195,12 +196,23 @@ def primary_metric(task: Task) -> tuple[str, str]:
 
 
 def execute(built: Built, *, run_dir: str | Path | None = None, resume: bool = False, progress: bool = True,
-            on_eval: EvalCallback | None = None, pool: Sequence[int] | None = None) -> RunResult:
-    config = built.config
+            on_eval: EvalCallback | None = None, pool: Sequence[int] | None = None, overwrite: bool = False,
+            ignore: tuple[str, ...] = ()) -> RunResult:
+    """Run ``built`` on the in-process engine. With ``run_dir``: the directory is locked for the
+    run and checked before anything is written (:func:`shn.rundir.claim`: a finished or
+    unfinished run there is refused unless ``resume`` continues it — with the same
+    training-relevant config, keys under ``ignore`` aside — or ``overwrite`` replaces it)."""
     run_path = Path(run_dir) if run_dir is not None else None
-    if run_path is not None:
-        run_path.mkdir(parents=True, exist_ok=True)
-        atomic_write_text(run_path / "config.toml", dumps_toml(config_to_dict(config)))
+    if run_path is None:
+        return _execute(built, None, resume, progress, on_eval, pool)
+    with claim(run_path, built.config, resume=resume, overwrite=overwrite, ignore=ignore):
+        atomic_write_text(run_path / "config.toml", dumps_toml(config_to_dict(built.config)))
+        return _execute(built, run_path, resume, progress, on_eval, pool)
+
+
+def _execute(built: Built, run_path: Path | None, resume: bool, progress: bool, on_eval: EvalCallback | None,
+             pool: Sequence[int] | None) -> RunResult:
+    config = built.config
     held = set(built.context.held_out)
     pool = [c for c in range(built.task.num_clients) if c not in held] if pool is None else list(pool)
     sim = Simulation(config, built.algorithm, built.runtime, pool=pool, run_dir=run_path, progress=progress,
@@ -241,6 +253,7 @@ def make_summary(config: RunConfig, task: Task, history: list[dict[str, Any]], p
         "budget": {"client_updates": int(last.get("client_updates", 0))},
         "rejected_updates": rejected,
         "failed_clients": failed,
+        "nonfinite_clients": nonfinite_clients(per_client, name),  # left out of the means
         "wall_time_s": round(wall_time, 3),
         **extra,
     }

@@ -1,6 +1,6 @@
 """The ``shn`` command line.
 
-    shn run CONFIG [--set KEY=VALUE]... [--out DIR] [--resume]
+    shn run CONFIG [--set KEY=VALUE]... [--out DIR] [--resume | --force]
     shn pipeline CONFIG [...]         three-stage SHN: pFedHN → graph from embeddings → SHN
     shn sweep CONFIG --trials N --storage URL [--workers W] [--study NAME]
     shn suite SUITE.toml [--jobs N]   every (method, task, seed) of a comparison, resumable
@@ -12,19 +12,21 @@
 ``shn --threads N <command>`` caps torch's CPU threads (several experiments side by side: N=1
 each; oversubscribed cores make torch several times slower).
 
-User errors (bad config, missing or malformed file, an unsafe or foreign checkpoint, a full disk)
-end in one line on stderr and exit code 2; a run whose metrics go non-finite (diverged) ends in
+User errors (bad config, missing or malformed file, an unsafe or foreign checkpoint, a full disk,
+a run directory in use by another process, holding a run that would be replaced, or resumed with
+another config) end in one line on stderr and exit code 2; a run whose metrics go non-finite (diverged) ends in
 one line and exit code 1. Printed JSON is strict (non-finite numbers as null).
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import sys
 from pathlib import Path
 from typing import Sequence
+
+from shn.federated.records import dumps_json
 
 
 class UserError(Exception):
@@ -40,7 +42,11 @@ def _add_run_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set server.lr=0.01 (repeatable)")
     p.add_argument("--out", help="run directory (default runs/<config>/<method>-<task>-seed<seed>)")
-    p.add_argument("--resume", action="store_true", help="continue from the run directory's last checkpoint")
+    again = p.add_mutually_exclusive_group()
+    again.add_argument("--resume", action="store_true",
+                       help="continue the run in --out from its last checkpoint (same config; more rounds extend it)")
+    again.add_argument("--force", action="store_true",
+                       help="replace the run in --out (its checkpoints, metrics and summary are removed first)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
 
 
@@ -53,11 +59,10 @@ def _cmd_run(args: argparse.Namespace, pipeline: bool = False) -> int:
     if pipeline:
         from shn.pipeline import run_pipeline
 
-        result = run_pipeline(config, run_dir=run_dir, resume=args.resume, progress=not args.no_progress)
+        result = run_pipeline(config, run_dir=run_dir, resume=args.resume, overwrite=args.force,
+                              progress=not args.no_progress)
     else:
-        result = run(config, run_dir=run_dir, resume=args.resume, progress=not args.no_progress)
-    from shn.federated.records import dumps_json
-
+        result = run(config, run_dir=run_dir, resume=args.resume, overwrite=args.force, progress=not args.no_progress)
     metrics = {k: round(v, 4) for k, v in result.summary["metrics"].items()
                if k.startswith(("test_", "val_")) and isinstance(v, (int, float))}
     print(dumps_json({"run_dir": str(run_dir), "method": config.method, "task": config.task.name, **metrics}))
@@ -70,7 +75,7 @@ def _cmd_sweep(args: argparse.Namespace) -> int:
     best = sweep(args.config, trials=args.trials, storage=args.storage, workers=args.workers, study_name=args.study,
                  overrides=args.overrides, out=args.out, pruner=args.pruner, n_startup_trials=args.n_startup_trials,
                  n_warmup_steps=args.n_warmup_steps, progress=not args.no_progress)
-    print(json.dumps(best))
+    print(dumps_json(best))
     if best["best_config"] is None:
         print("shn: error: no trial completed, so there is no best config (see trials.csv)", file=sys.stderr)
         return 1
@@ -82,7 +87,7 @@ def _cmd_suite(args: argparse.Namespace) -> int:
 
     result = run_suite(args.suite, out=args.out, only=args.only, progress=not args.no_progress, jobs=args.jobs,
                        extra=args.overrides)
-    print(json.dumps(result.as_dict()))
+    print(dumps_json(result.as_dict()))
     return 1 if result.failed else 0
 
 
@@ -110,7 +115,7 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     from shn.inspect import format_description, inspect_config
 
     desc = inspect_config(load_config(args.config, args.overrides))
-    print(json.dumps(desc) if args.json else format_description(desc))
+    print(dumps_json(desc) if args.json else format_description(desc))
     return 0
 
 
@@ -187,6 +192,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         DataError = ValueError  # type: ignore[misc,assignment]
     from shn.federated.records import CheckpointError, WriteError
     from shn.federated.simulation import DivergedError
+    from shn.rundir import RunDirError
 
     if args.threads is not None and args.threads < 1:
         print(f"shn: error: --threads must be >= 1, got {args.threads}", file=sys.stderr)
@@ -196,7 +202,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         with torch_threads(args.threads):  # restored after: main() also runs in-process (tests)
             return int(args.func(args) or 0)
-    except (ConfigError, DataError, CheckpointError, WriteError, UserError, FileNotFoundError) as e:
+    except (ConfigError, DataError, CheckpointError, WriteError, RunDirError, UserError, FileNotFoundError) as e:
         print(f"shn: error: {e}", file=sys.stderr)
         return 2
     except DivergedError as e:

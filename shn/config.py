@@ -69,6 +69,8 @@ class ServerConfig:
         _non_negative(self, "lr", "momentum", "weight_decay", "embed_weight_decay", "grad_clip")
         if self.nesterov and self.momentum <= 0:
             raise ConfigError("server.nesterov = true needs server.momentum > 0")
+        if not all(0.0 <= b < 1.0 for b in self.betas):  # what torch.optim.Adam accepts
+            raise ConfigError(f"betas: each must be in [0, 1), got {list(self.betas)!r}")
 
 
 @dataclass(frozen=True)
@@ -108,8 +110,10 @@ class EncoderConfig:
     gcn_hidden: int | None = None  # None: stalk_dim * hidden_channels (same width as SHN)
 
     def __post_init__(self) -> None:
-        _non_negative(self, "layers", "dropout")
+        _non_negative(self, "layers")
         _positive(self, "stalk_dim", "hidden_channels")
+        if not 0.0 <= self.dropout < 1.0:  # 1 would zero every activation
+            raise ConfigError(f"dropout: must be in [0, 1), got {self.dropout!r}")
 
 
 @dataclass(frozen=True)
@@ -171,9 +175,11 @@ class ValidationConfig:
 
     max_norm: float = 1e4  # reject a delta whose L2 norm is above this
     clip_norm: float = 0.0  # hypernetwork methods: scale deltas down to this norm (0 = off)
+    # the largest example count a client may claim (FedAvg weights by it): a larger claim is rejected
+    max_examples: int = 10**9
 
     def __post_init__(self) -> None:
-        _positive(self, "max_norm")
+        _positive(self, "max_norm", "max_examples")
         _non_negative(self, "clip_norm")
 
 
@@ -307,8 +313,14 @@ def read_toml(path: str | Path, what: str = "config", error: type[ConfigError] =
     path = Path(path)
     if not path.is_file():
         raise error(f"{path}: {what} file not found")
+    raw = path.read_bytes()
     try:
-        return tomllib.loads(path.read_text())
+        text = raw.decode("utf-8")  # TOML is UTF-8, whatever the locale
+    except UnicodeDecodeError as e:
+        raise error(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
+                    "TOML files must be saved as UTF-8") from None
+    try:
+        return tomllib.loads(text)
     except tomllib.TOMLDecodeError as e:
         raise error(f"{path}: not valid TOML ({e})") from None
 
@@ -337,9 +349,7 @@ def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
 def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
     """Build a validated ``RunConfig`` from a dict shaped like the TOML file."""
     data = dict(data)
-    task_table = dict(data.pop("task", {}) or {})
-    methods_table = dict(data.pop("methods", {}) or {})
-    sweep = data.pop("sweep", {}) or {}
+    task_table, methods_table, sweep = (_table(data.pop(key, None), key) for key in ("task", "methods", "sweep"))
     cfg = _build(RunConfig, data, "")
     method = cfg.method
     if method not in METHODS:
@@ -353,6 +363,15 @@ def config_from_dict(data: Mapping[str, Any]) -> RunConfig:
             raise ConfigError(f"methods.{name}: method {name!r} takes no options")
         methods[name] = _build(opts_cls, table, f"methods.{name}.")
     return replace(cfg, task=build_task_config(task_table), methods=methods, sweep=dict(sweep))
+
+
+def _table(value: Any, key: str) -> dict[str, Any]:
+    """A top-level table (``task``, ``methods``, ``sweep``) as a dict; absent: empty."""
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{key}: expected a table, got {value!r}")
+    return dict(value)
 
 
 def build_task_config(table: Mapping[str, Any]) -> TaskConfig:
@@ -431,7 +450,7 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
         return value
     if hint is int:
         if isinstance(value, bool) or not isinstance(value, int):
-            if isinstance(value, float) and value.is_integer():
+            if isinstance(value, float) and value.is_integer() and abs(value) <= 2**53:  # beyond: not exact
                 return int(value)
             raise ConfigError(f"{key}: expected an integer, got {value!r}")
         return value

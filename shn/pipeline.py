@@ -12,6 +12,7 @@ Graph resolution and stage 2 live in :mod:`shn.run_graph`, building and executin
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 from dataclasses import replace
@@ -21,8 +22,9 @@ from typing import Any, Sequence
 import torch
 
 from shn.build import _held_out, build, execute, make_task
-from shn.config import RunConfig
-from shn.federated.records import atomic_write_text
+from shn.config import RunConfig, load_config
+from shn.federated.records import atomic_write_text, dumps_json
+from shn.federated.simulation import write_summary
 from shn.hypernetwork import embedding_drift, initial_embeddings
 from shn.run_graph import (
     client_info,
@@ -33,6 +35,7 @@ from shn.run_graph import (
     rewire_graph,
     without_clients,
 )
+from shn.rundir import RunDirError, check_run_dir, clear_run, locked
 from tasks.base import Task
 
 __all__ = ["client_info", "describe_graph", "given_task_graph", "infer_graph", "publish_stage1", "resolve_graph",
@@ -42,11 +45,51 @@ log = logging.getLogger("shn.pipeline")
 
 
 def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | Path | None = None,
-                 resume: bool = False, progress: bool = True, on_eval=None, held_out: Sequence[int] = ()):
+                 resume: bool = False, progress: bool = True, on_eval=None, held_out: Sequence[int] = (),
+                 overwrite: bool = False):
     """Run stages 1–3 and return stage 3's ``RunResult`` (its summary gains ``graph`` and
-    ``stage1_metrics``). Every stage writes its own sub-directory of ``run_dir``."""
+    ``stage1_metrics``). Every stage writes its own sub-directory of ``run_dir``, which is locked
+    for the whole pipeline and checked first (:mod:`shn.rundir`): a finished pipeline is not run
+    again without ``resume`` or ``overwrite``, nor resumed with another config."""
     task = task if task is not None else make_task(config)
     root = Path(run_dir) if run_dir is not None else None
+    with contextlib.ExitStack() as stack:
+        if root is not None:
+            stack.enter_context(locked(root))
+            _check_pipeline(root, config, task, held_out, resume=resume, overwrite=overwrite)
+            if overwrite:
+                clear_run(root)
+        return _run_stages(config, task, root, resume=resume, overwrite=overwrite, progress=progress,
+                           on_eval=on_eval, held_out=held_out)
+
+
+# stage 1 (plain pFedHN) depends on none of these: a resumed stage 1 may differ there
+STAGE1_IGNORES = ("graph", "encoder", "methods")
+# stage 3 depends on graph.stage1_rounds only through stage 1's rounds, checked as such
+STAGE3_IGNORES = ("graph.stage1_rounds",)
+
+
+def _check_pipeline(root: Path, config: RunConfig, task: Task, held_out: Sequence[int], *, resume: bool,
+                    overwrite: bool) -> None:
+    """Every check of a pipeline run directory, before anything is written in it."""
+    if (root / "summary.json").is_file() and not (resume or overwrite):
+        raise RunDirError(f"{root}: holds a finished pipeline run (summary.json); use --resume to continue or extend "
+                          "it (more rounds), --force to replace it, or another run directory (--out)")
+    stage1_cfg = stage1_config(config)
+    if not config.graph.stage1_cache:  # a cached stage 1 is content-addressed: always the same run
+        check_run_dir(root / "stage1_pfedhn", stage1_cfg, resume=resume, overwrite=overwrite, ignore=STAGE1_IGNORES)
+    stage3 = root / f"stage3_{config.method}"
+    check_run_dir(stage3, config, resume=resume, overwrite=overwrite, ignore=STAGE3_IGNORES)
+    if resume and (stage3 / "checkpoint.pt").is_file() and (stage3 / "config.toml").is_file():
+        before = stage1_config(load_config(stage3 / "config.toml")).rounds
+        if before != stage1_cfg.rounds:
+            raise RunDirError(f"{root}: stage 3 was trained on the graph of a {before}-round stage 1, and this config's "
+                              f"stage 1 has {stage1_cfg.rounds} rounds; to extend stage 3 only, set "
+                              f"graph.stage1_rounds = {before}")
+
+
+def _run_stages(config: RunConfig, task: Task, root: Path | None, *, resume: bool, overwrite: bool, progress: bool,
+                on_eval, held_out: Sequence[int]):
     sub = (lambda name: root / name) if root is not None else (lambda name: None)  # noqa: E731
     held_out = tuple(held_out) or tuple(_held_out(config, task))
     pool = [c for c in range(task.num_clients) if c not in set(held_out)]
@@ -56,25 +99,27 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
     stage1_rounds = stage1_cfg.rounds
     cached = _stage1_cache_dir(config, stage1_cfg, held_out)
     full = config.graph.stage3_init == "full"
-    needed = ["embeddings.pt", "summary.json"] + (["hypernetwork.pt"] if full else [])
-    hn_state = None
-    if cached is not None and all((cached / f).is_file() for f in needed):
-        # graph methods sharing a seed and budget share stage 1 (e.g. GHN, Panacea, SHN in a suite)
-        embeddings = torch.load(cached / "embeddings.pt", map_location=config.device, weights_only=True)
-        stage1_summary = json.loads((cached / "summary.json").read_text())
-        if full:
-            hn_state = torch.load(cached / "hypernetwork.pt", map_location=config.device, weights_only=True)
-        log.info("stage 1 reused from %s", cached)
-    else:
-        stage1_built = build(stage1_cfg, task=task, held_out=held_out)
-        stage1_built.context.extras["after_training"] = []  # stage 1 only supplies embeddings (no novel-client fit)
-        stage1 = execute(stage1_built, run_dir=cached or sub("stage1_pfedhn"), resume=resume, progress=progress)
-        embeddings = stage1.algorithm.hn.embeddings.weight.detach().clone()
-        hn_state = {k: v.detach().clone() for k, v in stage1.algorithm.hn.state_dict().items()}
-        stage1_summary = stage1.summary
-        if cached is not None:
-            torch.save(embeddings.cpu(), cached / "embeddings.pt")
-            torch.save({k: v.cpu() for k, v in hn_state.items()}, cached / "hypernetwork.pt")
+    with locked(cached, wait=True) if cached is not None else contextlib.nullcontext():
+        # (waits while another process computes the same stage 1)
+        if cached is not None and all((cached / f).is_file() for f in _cache_files(full)):
+            # graph methods sharing a seed and budget share stage 1 (e.g. GHN, Panacea, SHN in a suite)
+            embeddings, stage1_summary, hn_state = _read_stage1_cache(cached, config.device, full)
+            log.info("stage 1 reused from %s", cached)
+        else:
+            stage1_built = build(stage1_cfg, task=task, held_out=held_out)
+            stage1_built.context.extras["after_training"] = []  # stage 1 only supplies embeddings (no novel-client fit)
+            if cached is not None:  # the cache holds this very run (its key is the config): continue what is there
+                found = any((cached / f).is_file() for f in ("checkpoint.pt", "checkpoint.prev.pt"))
+                stage1 = execute(stage1_built, run_dir=cached, resume=found, overwrite=not found, progress=progress)
+            else:
+                stage1 = execute(stage1_built, run_dir=sub("stage1_pfedhn"), resume=resume, overwrite=overwrite,
+                                 progress=progress, ignore=STAGE1_IGNORES)
+            embeddings = stage1.algorithm.hn.embeddings.weight.detach().clone()
+            hn_state = {k: v.detach().clone() for k, v in stage1.algorithm.hn.state_dict().items()}
+            stage1_summary = stage1.summary
+            if cached is not None:
+                torch.save(embeddings.cpu(), cached / "embeddings.pt")
+                torch.save({k: v.cpu() for k, v in hn_state.items()}, cached / "hypernetwork.pt")
     stage1_metrics = stage1_summary["metrics"]
     stage1_updates = int(stage1_summary.get("budget", {}).get("client_updates",
                                                                stage1_rounds * stage1_cfg.clients_per_round))
@@ -91,8 +136,8 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
         (root / "stage2_graph").mkdir(parents=True, exist_ok=True)
         graph.save(root / "stage2_graph" / "graph.json")
         torch.save(embeddings.cpu(), root / "stage2_graph" / "embeddings.pt")
-        atomic_write_text(root / "stage2_graph" / "graph_summary.json", json.dumps(diagnostics, indent=2) + "\n")
-        atomic_write_text(root / "stage2_graph" / "clients.json", json.dumps(client_info(task)) + "\n")
+        atomic_write_text(root / "stage2_graph" / "graph_summary.json", dumps_json(diagnostics, indent=2) + "\n")
+        atomic_write_text(root / "stage2_graph" / "clients.json", dumps_json(client_info(task)) + "\n")
 
     # Stage 3: the graph method, embeddings warm-started from stage 1.
     built = build(config, task=task, graph=graph, warm_embeddings=embeddings, held_out=held_out,
@@ -101,7 +146,8 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
     if stage3_dir is not None:
         stage3_dir.mkdir(parents=True, exist_ok=True)
         graph.save(stage3_dir / "graph.json")
-    result = execute(built, run_dir=stage3_dir, resume=resume, progress=progress, on_eval=on_eval)
+    result = execute(built, run_dir=stage3_dir, resume=resume, overwrite=overwrite, progress=progress,
+                     on_eval=on_eval, ignore=STAGE3_IGNORES)
     result.summary["graph"] = diagnostics
     result.summary["stage1_metrics"] = stage1_metrics
     result.summary["pipeline"] = {"stage1_rounds": stage1_rounds, "graph_kind": config.graph.kind,
@@ -111,14 +157,43 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
     result.summary["budget"] = {"client_updates": stage1_updates + stage3_updates,
                                 "stage1_client_updates": stage1_updates, "stage3_client_updates": stage3_updates}
     if root is not None:
-        atomic_write_text(root / "summary.json", json.dumps(result.summary, indent=2, sort_keys=True) + "\n")
+        write_summary(root, result.summary)
         if stage3_dir is not None:
-            atomic_write_text(stage3_dir / "summary.json", json.dumps(result.summary, indent=2, sort_keys=True) + "\n")
+            write_summary(stage3_dir, result.summary)
     return result
 
 
 # below this relative off-scale change the stage-1 embeddings have barely learnt (see embedding_drift)
 EMBEDDING_DRIFT_WARNING = 1e-2
+
+
+def _cache_files(full: bool) -> list[str]:
+    return ["embeddings.pt", "summary.json"] + (["hypernetwork.pt"] if full else [])
+
+
+def _read_stage1_cache(cached: Path, device: str, full: bool):
+    """(embeddings, summary, hypernetwork state or None) from a stage-1 cache entry; plain data
+    only (``weights_only``), a broken entry is one CheckpointError line naming the file."""
+    from shn.federated.records import CheckpointError
+
+    def load(name: str):
+        try:
+            return torch.load(cached / name, map_location=device, weights_only=True)
+        except Exception as e:  # noqa: BLE001 - unreadable or unsafe: the same one line
+            raise CheckpointError(f"{cached / name}: unreadable stage-1 cache entry ({type(e).__name__}: "
+                                  f"{(str(e).splitlines() or [''])[0][:200]}); delete {cached} to recompute it") from None
+
+    embeddings = load("embeddings.pt")
+    try:
+        summary = json.loads((cached / "summary.json").read_text(encoding="utf-8"))
+        summary["metrics"]  # noqa: B018 - the one key read from it
+    except (ValueError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{cached / 'summary.json'}: unreadable stage-1 cache entry ({e}); delete {cached} "
+                              "to recompute it") from None
+    if not isinstance(embeddings, torch.Tensor) or embeddings.dim() != 2:
+        raise CheckpointError(f"{cached / 'embeddings.pt'}: not a stage-1 embedding matrix; delete {cached} to "
+                              "recompute it")
+    return embeddings, summary, load("hypernetwork.pt") if full else None
 
 
 def stage1_config(config: RunConfig) -> RunConfig:
@@ -139,8 +214,10 @@ def publish_stage1(config: RunConfig, held_out: Sequence[int]):
 
     def publish(result: Any) -> dict[str, Any]:
         # runs before the other hooks (novel-client fitting), like stage 1 itself
-        if not (cached / "embeddings.pt").is_file():
-            atomic_write_text(cached / "summary.json", json.dumps(result.summary, indent=2, sort_keys=True) + "\n")
+        with locked(cached, wait=True):  # (a pipeline elsewhere may be writing the same entry)
+            if (cached / "embeddings.pt").is_file():
+                return {}
+            write_summary(cached, result.summary)
             torch.save(result.algorithm.hn.embeddings.weight.detach().cpu().clone(), cached / "embeddings.pt")
             torch.save({k: v.detach().cpu().clone() for k, v in result.algorithm.hn.state_dict().items()},
                        cached / "hypernetwork.pt")

@@ -6,6 +6,8 @@ the diagnostics and client attributes saved next to it.
 
 from __future__ import annotations
 
+import logging
+import warnings
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -16,29 +18,20 @@ from shn.config import ConfigError, RunConfig
 from shn.graph import ClientGraph, build_graph, complete_graph, given_graph, graph_summary, knn_graph
 from tasks.base import Task, client_attribute
 
+log = logging.getLogger("shn.run_graph")
+
 __all__ = ["client_info", "describe_graph", "given_task_graph", "infer_graph", "resolve_graph", "rewire_graph",
            "without_clients"]
 
 
 def given_task_graph(config: RunConfig, task: Task) -> ClientGraph:
     """The a-priori graph: ``graph.path`` (a saved ClientGraph .json, or a dense adjacency .csv /
-    .npy) or the task's own relation graph (e.g. road-sensor distances)."""
+    .npy) or the task's own relation graph (e.g. road-sensor distances). Undirected: a directed
+    .json is symmetrised (with a warning) as an adjacency is; a graph without edges is an error."""
     n = task.num_clients
     if config.graph.path:
-        path = Path(config.graph.path)
-        if not path.is_file():
-            raise ConfigError(f"graph.path: {path} not found")
-        if path.suffix == ".json":
-            try:
-                graph = ClientGraph.load(path)
-            except ValueError as e:  # names the file and what is wrong in it
-                raise ConfigError(f"graph.path: {e}") from None
-        else:
-            try:
-                adj = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, delimiter=",")
-                graph = given_graph(adj, n)
-            except (ValueError, OSError, EOFError) as e:
-                raise ConfigError(f"graph.path: {path}: expected a dense numeric N x N adjacency matrix ({e})") from None
+        graph = _graph_file(Path(config.graph.path), n)
+        source = f"graph.path: {config.graph.path}"
     else:
         adjacency = getattr(task, "relation_adjacency", None)
         if adjacency is None or adjacency() is None:  # no method, or a task without a graph of its own
@@ -47,9 +40,40 @@ def given_task_graph(config: RunConfig, task: Task) -> ClientGraph:
                 "graph.kind = 'knn' (inferred by the three-stage pipeline)"
             )
         graph = given_graph(adjacency(), n)
+        source = f"task {task.name!r}'s relation graph"
     if graph.num_nodes != n:
         raise ConfigError(f"graph has {graph.num_nodes} nodes but the task has {n} clients")
+    if graph.num_edges == 0:  # every entry <= 0 or on the diagonal: the encoder would see isolated clients
+        raise ConfigError(f"{source} has no edges (no positive entry off the diagonal); a graph method needs "
+                          "edges: fix the graph, or use graph.kind = \"complete\"")
     return graph
+
+
+def _graph_file(path: Path, n: int) -> ClientGraph:
+    """``graph.path``: a ClientGraph .json, or a dense N x N adjacency .npy / .csv (no header)."""
+    if not path.is_file():
+        raise ConfigError(f"graph.path: {path} not found")
+    if path.stat().st_size == 0:
+        raise ConfigError(f"graph.path: {path} is empty; expected a ClientGraph .json or a dense N x N adjacency")
+    if path.suffix == ".json":
+        try:
+            graph = ClientGraph.load(path)
+        except ValueError as e:  # names the file and what is wrong in it
+            raise ConfigError(f"graph.path: {e}") from None
+        if not graph.is_symmetric():
+            log.warning("graph.path: %s is not symmetric (an edge without its reverse); using its undirected closure "
+                        "(max of both directions), as for an adjacency matrix", path)
+            graph = graph.symmetrized()
+        return graph
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # numpy's "input contained no data": reported below
+            adj = np.load(path) if path.suffix == ".npy" else np.loadtxt(path, delimiter=",", ndmin=2)
+        if adj.size == 0:
+            raise ValueError("no numbers in it")
+        return given_graph(adj, n)
+    except (ValueError, OSError, EOFError) as e:
+        raise ConfigError(f"graph.path: {path}: expected a dense numeric N x N adjacency matrix ({e})") from None
 
 
 def without_clients(graph: ClientGraph, clients: Sequence[int]) -> ClientGraph:
@@ -107,6 +131,11 @@ def infer_graph(config: RunConfig, task: Task, embeddings: torch.Tensor, pool: S
     emb = embeddings.detach().to("cpu", torch.float64)[pool]
     if g.kind in ("given", "complete"):
         return resolve_graph(config, task, [c for c in range(task.num_clients) if c not in set(pool)])
+    if g.kind in ("knn", "learned"):
+        key, k = ("graph.k", g.k) if g.kind == "knn" else ("graph.candidate_k", g.candidate_k)
+        if k > len(pool) - 1:
+            log.warning("%s = %d but there are only %d other training clients: every client is a neighbour of every "
+                        "other, the graph is complete", key, k, len(pool) - 1)
     if g.kind == "learned":
         sub = complete_graph(len(pool)) if g.candidate_k == 0 else knn_graph(emb, min(g.candidate_k, len(pool) - 1), g.metric)
     else:

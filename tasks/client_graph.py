@@ -22,6 +22,7 @@ distance, symmetrised.
 from __future__ import annotations
 
 import csv
+import logging
 import pickle
 from pathlib import Path
 from typing import Sequence
@@ -31,6 +32,8 @@ import torch
 from torch import Tensor
 
 from tasks.tables import TableError, read_text
+
+log = logging.getLogger("tasks.client_graph")
 
 __all__ = ["symmetrize_adjacency", "haversine_km", "knn_adjacency", "coordinate_adjacency", "read_adjacency",
            "align_adjacency", "read_client_graph", "read_locations_table", "norm_id", "GRAPH_METRICS"]
@@ -61,6 +64,8 @@ def knn_adjacency(dist: np.ndarray, k: int) -> Tensor:
     n = dist.shape[0]
     d = np.array(dist, dtype=np.float64)
     np.fill_diagonal(d, np.inf)
+    if int(k) > n - 1:
+        log.warning("graph k = %d but only %d other clients: the task's kNN graph is complete", int(k), n - 1)
     k = min(int(k), n - 1)
     adj = np.zeros((n, n), dtype=np.float32)
     if k > 0:

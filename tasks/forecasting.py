@@ -57,7 +57,7 @@ from tasks.client_graph import haversine_km, knn_adjacency, symmetrize_adjacency
 from tasks.forecast_models import FORECAST_MODELS, make_forecaster
 from tasks.naive import NAIVE_BASELINES, naive_predictions
 from tasks.options import check_choice, check_fractions, check_int, check_path  # noqa: F401  (re-exported)
-from tasks.tables import TableError, read_numeric_columns, read_text, split_header  # noqa: F401  (re-exported)
+from tasks.tables import TableError, read_numeric_columns, read_text, refuse_unstandardisable, split_header  # noqa: F401
 
 __all__ = [
     "ForecastDataError",
@@ -182,8 +182,9 @@ def _train_stats(values: np.ndarray, train: tuple[int, int], names: Sequence[str
     if np.any(observed == 0):
         bad = [names[i] for i in np.flatnonzero(observed == 0)]
         raise ForecastDataError(f"{what} {bad} has no observed value in the training period")
-    mean = np.nanmean(part, axis=0)
-    std = np.nanstd(part, axis=0)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflowing data is refused by prepare_client
+        mean = np.nanmean(part, axis=0)
+        std = np.nanstd(part, axis=0)
     std = np.where(std < _STD_FLOOR, 1.0, std)
     return mean, std
 
@@ -208,10 +209,13 @@ def prepare_client(series: ClientSeries, bounds: Sequence[tuple[int, int]], inpu
 
     # Inputs: forward-fill (causal), then the leading gap gets the train mean (0 once z-scored;
     # 0 for the bounded features).
-    x = (forward_fill(inputs) - in_mean) / in_std
-    x = np.nan_to_num(x, nan=0.0).astype(np.float32)
-    observed = ~np.isnan(targets)
-    y = np.where(observed, (np.nan_to_num(targets) - t_mean) / t_std, 0.0).astype(np.float32)
+    with np.errstate(over="ignore", invalid="ignore"):
+        x = np.nan_to_num((forward_fill(inputs) - in_mean) / in_std, nan=0.0, posinf=np.inf, neginf=-np.inf)
+        observed = ~np.isnan(targets)
+        y = np.where(observed, (np.nan_to_num(targets) - t_mean) / t_std, 0.0)
+    refuse_unstandardisable("input column(s)", series.input_names, inputs, x, in_mean, in_std)
+    refuse_unstandardisable("target column(s)", series.target_names, targets, y, t_mean, t_std)
+    x, y = x.astype(np.float32), y.astype(np.float32)
     m = observed.astype(np.float32)
     scale = np.stack([t_std, t_mean]).astype(np.float32)  # [2, T]
 
@@ -492,19 +496,22 @@ class ForecastTask:
 def build_task(name: str, series: Sequence[ClientSeries], *, num_steps: int, fractions, input_len: int,
                output_len: int, stride: int, max_windows: int | None, model: str, hidden: int, seed: int,
                adjacency: Tensor | None, coordinates: np.ndarray | None, client_names: Sequence[str],
-               season: int | None = None, seasonal_lags: Sequence[int] = (), mape: bool = True) -> ForecastTask:
+               season: int | None = None, seasonal_lags: Sequence[int] = (), mape: bool = True,
+               sources: Sequence[str] | None = None) -> ForecastTask:
     """Split the common time axis, add the seasonal lag inputs (:func:`add_seasonal_lags`), prepare
-    every client (naive baselines with ``season`` steps), and wrap them in a :class:`ForecastTask`."""
+    every client (naive baselines with ``season`` steps), and wrap them in a :class:`ForecastTask`.
+    ``sources``: each client's data file, named in its data errors."""
     bounds = split_bounds(num_steps, fractions)
     validate_split_options(num_steps, bounds, input_len, output_len, f"task {name!r}")
     prepared = []
-    for cname, s in zip(client_names, series):
+    for k, (cname, s) in enumerate(zip(client_names, series)):
         s = add_seasonal_lags(s, seasonal_lags, output_len)
         try:
             prepared.append(prepare_client(s, bounds, input_len, output_len, stride, max_windows,
                                            season=season, mape=mape))
         except ForecastDataError as exc:
-            raise ForecastDataError(f"task {name!r}, client {cname!r}: {exc}") from None
+            where = f"{sources[k]}: " if sources is not None else ""
+            raise ForecastDataError(f"{where}task {name!r}, client {cname!r}: {exc}") from None
     starts = {k: window_starts(*b, input_len, output_len, stride, max_windows)
               for k, b in zip(("train", "val", "test"), bounds)}
     return ForecastTask(name, prepared, target_names=series[0].target_names, input_len=input_len,

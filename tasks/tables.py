@@ -25,7 +25,7 @@ import numpy as np
 from tasks.datasets import DataError
 
 __all__ = ["TableError", "Table", "read_table", "resolve_files", "read_text", "split_header",
-           "read_numeric_columns", "MISSING_TOKENS"]
+           "read_numeric_columns", "refuse_unstandardisable", "MISSING_TOKENS"]
 
 MISSING_TOKENS = frozenset({"", "na", "nan", "null", "n/a", "none"})
 
@@ -33,6 +33,28 @@ MISSING_TOKENS = frozenset({"", "na", "nan", "null", "n/a", "none"})
 class TableError(DataError):
     """A data file is missing or malformed; the message names the file (and, where it applies,
     the column, the line and what was expected)."""
+
+
+def refuse_unstandardisable(what: str, names: Sequence[str], raw: np.ndarray, *standardised: np.ndarray) -> None:
+    """Refuse data too large to standardise. ``raw [R, K]`` holds columns ``names`` as read (NaN =
+    missing); ``standardised`` are what training sees of them — z-scores ``[R, K]`` and
+    statistics ``[.., K]`` — checked as float32. A non-finite value there (from a 1e308 sentinel
+    or a unit error: the mean or std overflows, or a z-score exceeds float32) would make the
+    client's loss and metrics NaN, so it is a :class:`TableError`: ``what`` (e.g. "input
+    column(s)"), then the columns."""
+    k = len(names)
+    bad = np.zeros(k, dtype=bool)
+    with np.errstate(over="ignore", invalid="ignore"):
+        for a in standardised:
+            bad |= ~np.isfinite(np.asarray(a).astype(np.float32).reshape(-1, k)).all(0)
+        if not bad.any():
+            return
+        values = np.abs(np.asarray(raw, dtype=np.float64)[:, bad])
+        largest = float(np.max(values[np.isfinite(values)], initial=0.0))
+    cols = [names[i] for i in np.flatnonzero(bad)]
+    raise TableError(f"{what} {cols} cannot be standardised: values up to {largest:.3g} make the "
+                     "standardised data non-finite; expected values of a physical size (a sentinel such as 1e308, "
+                     "or a unit error?)")
 
 
 # -- whole-file helpers (traffic, weather) ------------------------------------------------------

@@ -59,7 +59,7 @@ from tasks.base import (
 from tasks.client_graph import GRAPH_METRICS, coordinates_from_rows, read_locations_table, relation_graph
 from tasks.models import MLP
 from tasks.options import as_names, as_paths, check_choice, check_fractions, check_int, check_path
-from tasks.tables import Table, TableError, read_table, resolve_files
+from tasks.tables import Table, TableError, read_table, refuse_unstandardisable, resolve_files
 
 __all__ = ["TabularOptions", "TabularTask", "make_tabular", "SPLIT_VALUES"]
 
@@ -294,7 +294,7 @@ def _standardise(values: np.ndarray, client: np.ndarray, train: np.ndarray, n_cl
     with training statistics per client, pooled, or none."""
     r, f = values.shape
     if scaling == "none":
-        return np.nan_to_num(values, nan=0.0), np.zeros((r, f)), np.ones((r, f))
+        return np.nan_to_num(values, nan=0.0, posinf=np.inf, neginf=-np.inf), np.zeros((r, f)), np.ones((r, f))
     tr = values[train]
     with np.errstate(all="ignore"):
         g_mean, g_std = np.nanmean(tr, 0), np.nanstd(tr, 0)
@@ -311,8 +311,9 @@ def _standardise(values: np.ndarray, client: np.ndarray, train: np.ndarray, n_cl
             c_mean[i] = np.where(seen, m, g_mean)  # never observed while training: pooled statistics
             c_std[i] = np.where(seen, np.where(s >= _STD_FLOOR, s, 1.0), g_std)
         mean, std = c_mean[client], c_std[client]
-    z = (values - mean) / std
-    return np.nan_to_num(z, nan=0.0), mean, std
+    with np.errstate(over="ignore", invalid="ignore"):  # overflowing data is refused by the callers
+        z = (values - mean) / std
+    return np.nan_to_num(z, nan=0.0, posinf=np.inf, neginf=-np.inf), mean, std
 
 
 def _encode(table: Table, columns: list[str], options: TabularOptions, client: np.ndarray, train: np.ndarray,
@@ -325,7 +326,8 @@ def _encode(table: Table, columns: list[str], options: TabularOptions, client: n
     if numeric:
         raw = np.stack([table.numeric(c, "feature_columns") for c in numeric], axis=1)
         raw[~np.isfinite(raw)] = np.nan
-        z, _, _ = _standardise(raw, client, train, n_clients, options.scaling)
+        z, mean, std = _standardise(raw, client, train, n_clients, options.scaling)
+        refuse_unstandardisable(f"{table.source}: column(s)", numeric, raw, z, mean, std)
         blocks.append(z)
         names += numeric
     for c in categorical:
@@ -470,6 +472,7 @@ def make_tabular(options: TabularOptions | None = None, *, seed: int) -> Tabular
     else:
         y = table.numeric(target_col, "target_column")[:, None]
         z, mean, std = _standardise(y, client, train, n, options.scaling)
+        refuse_unstandardisable(f"{table.source}: target column", [target_col], y, z, mean, std)
         targets = (z[:, 0].astype(np.float32), np.concatenate([std, mean], axis=1).astype(np.float32))
 
     def part(i: int, s: int) -> tuple[Tensor, ...]:

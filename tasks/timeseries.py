@@ -396,7 +396,7 @@ def make_timeseries_task(options: TimeseriesOptions, data: SeriesTable, *, seed:
         "timeseries", series, num_steps=data.num_steps, fractions=fractions, input_len=options.input_len,
         output_len=options.output_len, stride=options.stride, max_windows=options.max_windows, model=options.model,
         hidden=options.hidden, seed=seed, adjacency=adjacency, coordinates=coords, client_names=data.names,
-        season=season, seasonal_lags=lags, mape=False,
+        season=season, seasonal_lags=lags, mape=False, sources=[str(data.table.source)] * len(data.names),
     )
     task.start_time, task.step_seconds = data.start, data.step
     return task

@@ -395,7 +395,7 @@ def make_traffic_task(options: TrafficOptions, *, seed: int, table: SpeedTable, 
         input_len=options.input_len, output_len=options.output_len, stride=options.stride,
         max_windows=options.max_windows, model=options.model, hidden=options.hidden, seed=seed,
         adjacency=adj, coordinates=coords, client_names=table.sensor_ids[:n],
-        season=season, seasonal_lags=lags, mape=options.zeros_are_missing,
+        season=season, seasonal_lags=lags, mape=options.zeros_are_missing, sources=[str(table.path)] * n,
     )
 
 

@@ -425,7 +425,7 @@ def make_weather_task(options: WeatherOptions, *, seed: int, stations: list[Stat
         max_windows=options.max_windows, model=options.model, hidden=options.hidden, seed=seed,
         adjacency=adjacency, coordinates=coords, client_names=[st.name for st in stations],
         season=season_steps(options.seasonal_period, 3600), seasonal_lags=lag_steps(options.seasonal_lags, 3600),
-        mape=False,
+        mape=False, sources=[str(st.path) for st in stations],
     )
 
 

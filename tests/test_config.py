@@ -117,6 +117,18 @@ BAD = [
     (["methods.nope.lr=1"], ["methods.nope", "unknown method"]),
     (["methods.fedavg.lrr=1"], ["methods.fedavg.lrr", "unknown key"]),
     (["rounds"], ["rounds", "KEY=VALUE"]),
+    # issue 15: a table set to a scalar, values torch would reject, an integer beyond exactness
+    (["task=5"], ["task", "expected a table", "5"]),
+    (["methods=5"], ["methods", "expected a table", "5"]),
+    (["sweep=5"], ["sweep", "expected a table", "5"]),
+    (["encoder.dropout=1.5"], ["encoder.dropout", "[0, 1)", "1.5"]),
+    (["encoder.dropout=1"], ["encoder.dropout", "[0, 1)"]),
+    (["server.betas=[2.0,-1.0]"], ["server.betas", "[0, 1)", "2.0"]),
+    (["server.betas=[0.9,1.0]"], ["server.betas", "[0, 1)", "1.0"]),
+    (["rounds=1e300"], ["rounds", "integer", "1e+300"]),
+    (["seed=1e20"], ["seed", "integer"]),
+    (["validation.max_examples=0"], ["validation.max_examples", "> 0"]),
+    (["validation.max_examples=1.5"], ["validation.max_examples", "integer"]),
 ]
 
 
@@ -137,6 +149,27 @@ def test_missing_and_invalid_config_files(tmp_path):
     broken.write_text("rounds = = 3\n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_config(broken)
+
+
+def test_non_utf8_config_is_one_line_naming_the_file(tmp_path, capsys):
+    bad = tmp_path / "latin1.toml"
+    bad.write_bytes('rounds = 3\n# caf\u00e9\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match=r"latin1.toml: not UTF-8 text \(byte 0xe9 at offset 16\)"):
+        load_config(bad)
+    code, _, err = run_cli(capsys, "run", str(bad), "--out", str(tmp_path / "run"), "--no-progress")
+    assert code == 2
+    assert_one_line_error(err, "latin1.toml", "UTF-8")
+
+
+def test_validation_max_examples_reaches_the_server():
+    from shn.federated.server import Server
+    from shn.runner import build
+
+    cfg = config_from_dict({"method": "fedavg", "clients_per_round": 2, "task": {"name": "digits", "num_clients": 4, "model": "mlp"},
+                            "validation": {"max_examples": 50}})
+    assert cfg.validation.max_examples == 50 and RunConfig().validation.max_examples == 10**9
+    built = build(cfg)
+    assert Server(built.algorithm, cfg.validation).max_examples == 50
 
 
 def test_round_trip_config_to_dict_dumps_toml_load(tmp_path):

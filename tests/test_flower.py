@@ -80,6 +80,27 @@ def same_history(ref: list[dict], got: list[dict]) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
+# the run directory (issue 15 items 9, 10): a finished run is not replaced unless asked
+
+def test_a_finished_flower_run_dir_is_refused_unless_overwrite(tmp_path):
+    from shn.config import ConfigError
+    from shn.rundir import RunDirError
+
+    config = make_config(method="fedavg", rounds=1)
+    flower_run(config, tmp_path)
+    before = (tmp_path / "run" / "summary.json").read_bytes()
+    with pytest.raises(RunDirError, match="holds a finished run"):
+        flower_run(config, tmp_path)
+    assert (tmp_path / "run" / "summary.json").read_bytes() == before
+    grid = InProcessGrid(make_client_app(), 4)
+    result = run_federation(grid, config, EngineSettings(run_dir=tmp_path / "run", overwrite=True))
+    assert result.summary["rounds"] == 1
+    assert resolve_run_config({"overwrite": True})[1].overwrite is True
+    with pytest.raises(ConfigError, match="'overwrite': expected true or false"):
+        resolve_run_config({"overwrite": "yes"})
+
+
+# ---------------------------------------------------------------------------------------------
 # equivalence with the in-process engine (no Ray)
 
 def test_pfedhn_equals_in_process_engine(tmp_path):

@@ -46,3 +46,27 @@ def test_pfedhn_run_is_reused_as_stage1_and_changes_nothing(task, tmp_path):
 def test_pfedhn_run_with_another_budget_is_not_stage1(task, tmp_path):
     run(config("pfedhn", tmp_path / "cache", "graph.stage1_rounds=1"), task=task, progress=False)
     assert not any((tmp_path / "cache").glob("*/embeddings.pt"))
+
+
+def test_pipeline_files_are_strict_json(task, tmp_path, monkeypatch):
+    """A non-finite number anywhere in what the pipeline writes is null, never a bare NaN."""
+    import math
+
+    import shn.pipeline
+
+    real = shn.pipeline.describe_graph
+    monkeypatch.setattr(shn.pipeline, "describe_graph", lambda g, t: {**real(g, t), "homophily": math.nan})
+
+    def strict(path):
+        def refuse(name):
+            raise ValueError(f"{path}: non-standard JSON constant {name}")
+
+        return json.loads(path.read_text(), parse_constant=refuse)
+
+    out = tmp_path / "run"
+    run(config("shn", tmp_path / "cache"), task=task, run_dir=out, progress=False)
+    assert strict(out / "summary.json")["graph"]["homophily"] is None
+    assert strict(out / "stage3_shn" / "summary.json")["graph"]["homophily"] is None
+    assert strict(out / "stage2_graph" / "graph_summary.json")["homophily"] is None
+    (entry,) = list((tmp_path / "cache").iterdir())
+    strict(entry / "summary.json")

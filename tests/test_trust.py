@@ -371,3 +371,36 @@ def test_disk_full_while_appending_metrics_leaves_the_log_readable(tmp_path, mon
         metrics.append({"round": 2, "x": 0.25})
     monkeypatch.undo()
     assert read_jsonl(tmp_path / "metrics.jsonl") == [{"round": 1, "x": 0.5}]
+
+
+def test_every_torch_load_in_the_library_is_weights_only():
+    """No file read by shn or its tasks can run code: every torch.load passes weights_only=True."""
+    import re
+
+    root = Path(__file__).resolve().parents[1]
+    calls = []
+    for folder in ("shn", "tasks", "baselines", "experiments"):
+        for path in (root / folder).rglob("*.py"):
+            text = path.read_text()
+            for m in re.finditer(r"torch\.load\(", text):
+                end = text.find("\n", text.find(")", m.end()))
+                calls.append((f"{path.relative_to(root)}:{text.count(chr(10), 0, m.start()) + 1}", text[m.start():end]))
+    code = [(where, call) for where, call in calls if not call.startswith("torch.load(...")]
+    assert code, "no torch.load found: the scan is broken"
+    unsafe = [where for where, call in code if "weights_only=True" not in call]
+    assert not unsafe, f"torch.load without weights_only=True: {unsafe}"
+
+
+@pytest.mark.parametrize("name, content", [("summary.json", b"{not json"), ("summary.json", b"\xff\xfe"),
+                                           ("metrics.jsonl", b'{"round": 1}\n{"round": \n')])
+def test_load_run_with_a_malformed_run_file_is_one_line(finished_run, name, content):
+    from shn.report import build_report
+    from shn.rundir import RunDirError
+
+    _, run_dir = finished_run
+    (run_dir / name).write_bytes(content)
+    with pytest.raises(RunDirError, match=rf"{name}: not a readable run file"):
+        load_run(run_dir)
+    if name == "summary.json":  # shn report skips what is not a run
+        with pytest.raises(FileNotFoundError, match="no run"):
+            build_report([run_dir], out=run_dir.parent / "report")

@@ -51,11 +51,11 @@ class Server:
 
     Args:
         algorithm: the method's server side.
-        validation: ``max_norm`` / ``clip_norm`` (and ``max_examples`` when the config has it).
+        validation: ``max_norm``, ``clip_norm`` and ``max_examples``.
         clients: the ids that may send updates (the run's training clients); None: every id the
             algorithm has state for (a hypernetwork's embeddings), else any id ≥ 0.
         max_examples: the largest example count a client may claim (default
-            ``validation.max_examples`` if present, else :data:`MAX_EXAMPLES` = 10**9).
+            ``validation.max_examples``, whose default is :data:`MAX_EXAMPLES` = 10**9).
     """
 
     def __init__(self, algorithm: Algorithm, validation: ValidationConfig, *, clients: Iterable[int] | None = None,

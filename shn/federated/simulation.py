@@ -8,7 +8,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterator, Sequence
+from typing import Any, Callable, Iterator, Mapping, Sequence
 
 import torch
 
@@ -16,6 +16,7 @@ from shn.config import RunConfig
 from shn.federated.algorithm import Algorithm, eval_weights
 from shn.federated.client import ClientRuntime
 from shn.federated.records import (
+    CheckpointError,
     MetricsLog,
     atomic_write_text,
     check_run_state,
@@ -44,6 +45,14 @@ def non_finite_metrics(record: dict[str, Any], primary: str = "accuracy") -> lis
     horizon has no observed target)."""
     watched = {"train_loss", "val_loss", "test_loss", f"val_{primary}", f"test_{primary}"}
     return [k for k, v in record.items() if k in watched and isinstance(v, float) and not math.isfinite(v)]
+
+
+def nonfinite_clients(per_client: Mapping[int, Mapping[str, float]], primary: str = "accuracy") -> list[int]:
+    """The clients whose val/test loss or primary metric is non-finite. The means over clients
+    leave them out; this is how a run reports them (``nonfinite_clients``) instead."""
+    watched = {"val_loss", "test_loss", f"val_{primary}", f"test_{primary}"}
+    return sorted(int(c) for c, row in per_client.items()
+                  if any(k in watched and isinstance(v, float) and not math.isfinite(v) for k, v in row.items()))
 
 
 @dataclass
@@ -101,6 +110,7 @@ class Simulation:
         self.failed = 0
         self.client_updates = 0
         self._train_losses: list[float] = []
+        self._nonfinite: list[int] = []  # last reported, so each change is logged once
 
     # -- one round -------------------------------------------------------------------------
     def round_clients(self, round_: int) -> list[int]:
@@ -140,6 +150,9 @@ class Simulation:
             if found is not None:
                 source, state = found
                 check_run_state(state, source)
+                if int(state["round"]) > cfg.rounds:  # (shn.rundir refuses this earlier, from config.toml)
+                    raise CheckpointError(f"{source}: the checkpoint is at round {state['round']}, past this config's "
+                                          f"rounds = {cfg.rounds}; a resumed run keeps or extends its rounds")
                 with restoring(source):
                     self._load(state)
                 start_round, elapsed = int(state["round"]) + 1, float(state["elapsed"])
@@ -176,6 +189,12 @@ class Simulation:
     def _evaluate_round(self, r: int, elapsed: float) -> dict[str, Any]:
         self.per_client = self.evaluate()
         record: dict[str, Any] = {"round": r, **pooled_and_mean(self.per_client)}
+        bad = nonfinite_clients(self.per_client, getattr(self.runtime.task, "primary_metric", ("accuracy",))[0])
+        record["nonfinite_clients"] = len(bad)
+        if bad and bad != self._nonfinite:
+            log.warning("round %d: clients %s have non-finite val/test metrics (NaN or inf); the means over clients "
+                        "leave them out (counted in nonfinite_clients)", r, bad)
+        self._nonfinite = bad
         if self._train_losses:
             record["train_loss"] = sum(self._train_losses) / len(self._train_losses)
         self._train_losses = []

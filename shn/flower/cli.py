@@ -14,7 +14,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines; no duplicates
     result = simulate(args.config, overrides=args.overrides, supernodes=args.supernodes, run_dir=args.out,
-                      cpus_per_client=args.cpus_per_client, verbose=args.flower_verbose)
+                      cpus_per_client=args.cpus_per_client, verbose=args.flower_verbose, overwrite=args.force)
     metrics = {k: round(v, 4) for k, v in result.summary["metrics"].items() if k.startswith(("test_", "val_"))}
     print(dumps_json({"run_dir": str(result.run_dir), "method": result.config.method,
                       "task": result.config.task.name, "failed_clients": result.summary["failed_clients"],
@@ -36,6 +36,7 @@ def add_flower_parser(sub: Any) -> None:
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set rounds=5 (repeatable)")
     s.add_argument("--out", default=None, help="run directory (default runs/flower/<method>-<task>-seed<seed>)")
+    s.add_argument("--force", action="store_true", help="replace a run found in --out (else it is refused)")
     s.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per ClientApp (default 1)")
     s.add_argument("--flower-verbose", action="store_true", help="Flower's verbose logging")
     s.set_defaults(func=_cmd_simulate)

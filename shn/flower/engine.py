@@ -85,6 +85,7 @@ from shn.federated.validation import expected_metric_keys, validate_metrics
 from shn.flower.identity import discover_clients, load_partition_map
 from shn.flower.identity import message as _message
 from shn.registry import METHODS
+from shn.rundir import claim
 from shn.runner import INFERRED_GRAPHS, Built, RunResult, build, make_summary, make_task
 from shn.seeding import torch_generator
 
@@ -100,8 +101,9 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "node-timeout": 300.0,
     "round-timeout": 600.0,
     "partition-map": "",
+    "overwrite": False,
 }
-ENGINE_KEYS = ("run-dir", "min-nodes", "node-timeout", "round-timeout", "partition-map")
+ENGINE_KEYS = ("run-dir", "min-nodes", "node-timeout", "round-timeout", "partition-map", "overwrite")
 
 PERSONAL_PREFIX = "shn.personal."
 EVAL_CHUNK = 64  # clients per evaluation exchange (the in-process engine's chunk: same numbers)
@@ -117,6 +119,7 @@ class EngineSettings:
     node_timeout: float = 300.0
     round_timeout: float = 600.0
     partition_map: Path | None = None  # None: no binding of partitions to node ids
+    overwrite: bool = False  # replace a run found in run_dir (else it is refused: shn.rundir)
 
 
 def resolve_run_config(run_config: Mapping[str, Any], app_dir: str | Path | None = None) -> tuple[RunConfig, EngineSettings]:
@@ -143,12 +146,15 @@ def resolve_run_config(run_config: Mapping[str, Any], app_dir: str | Path | None
     config = config_from_dict(data)
     run_dir = str(engine["run-dir"] or "").strip()
     partition_map = str(engine["partition-map"] or "").strip()
+    if not isinstance(engine["overwrite"], bool):
+        raise ConfigError(f"run config 'overwrite': expected true or false, got {engine['overwrite']!r}")
     settings = EngineSettings(
         run_dir=Path(run_dir) if run_dir else None,
         min_nodes=int(engine["min-nodes"]),
         node_timeout=float(engine["node-timeout"]),
         round_timeout=float(engine["round-timeout"]),
         partition_map=_find_config(partition_map, app_dir, "partition-map") if partition_map else None,
+        overwrite=engine["overwrite"],
     )
     return config, settings
 
@@ -222,6 +228,7 @@ class FlowerSimulation(Simulation):
         clients = self.round_clients(round_)
         if not clients:
             return {"accepted": 0.0, "rejected": 0.0}
+        self.client_updates += len(clients)  # the budget, counted as in-process (clients asked to train)
         weights = self.server.weights_for(clients)
         cohort = len(clients)
         replies = self._send("train", str(round_), clients, weights,
@@ -296,7 +303,14 @@ def _parse_fit(content: Any) -> tuple[Any, Any, float | None]:
 
 
 def run_federation(grid: Any, config: RunConfig, settings: EngineSettings = EngineSettings()) -> RunResult:
-    """The ServerApp's body: discover clients, run ``config.rounds`` rounds, write the run directory."""
+    """The ServerApp's body: discover clients, run ``config.rounds`` rounds, write the run directory
+    (locked for the run; a run already there is refused unless ``settings.overwrite``)."""
+    run_dir = settings.run_dir or default_run_dir(config)
+    with claim(run_dir, config, overwrite=settings.overwrite):
+        return _run_federation(grid, config, settings, run_dir)
+
+
+def _run_federation(grid: Any, config: RunConfig, settings: EngineSettings, run_dir: Path) -> RunResult:
     entry = METHODS.get(config.method)
     if entry.meta.get("needs_graph") and config.graph.kind in INFERRED_GRAPHS:
         raise ConfigError(
@@ -319,8 +333,6 @@ def run_federation(grid: Any, config: RunConfig, settings: EngineSettings = Engi
     pool = sorted(nodes)
     if pool != wanted:
         log.warning("training on partitions %s of the task's %d clients", pool, len(wanted))
-    run_dir = settings.run_dir or default_run_dir(config)
-    run_dir.mkdir(parents=True, exist_ok=True)
     atomic_write_text(run_dir / "config.toml", text)
 
     def on_eval(r: int, record: dict[str, Any]) -> None:
@@ -494,12 +506,12 @@ def make_client_app() -> Any:
 
 
 def run_in_process(config: RunConfig, *, run_dir: str | Path | None = None, client_app: Any = None,
-                   grid: Any = None) -> RunResult:
+                   grid: Any = None, overwrite: bool = False) -> RunResult:
     """The Flower engine without Ray or a SuperLink: every ClientApp call made in this process
     (one Context per client). Same numbers as ``shn.runner.run`` for the same config."""
     task = make_task(config)
     grid = grid or InProcessGrid(client_app or make_client_app(), task.num_clients)
-    return run_federation(grid, config, EngineSettings(run_dir=Path(run_dir) if run_dir else None))
+    return run_federation(grid, config, EngineSettings(run_dir=Path(run_dir) if run_dir else None, overwrite=overwrite))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -507,12 +519,12 @@ def run_in_process(config: RunConfig, *, run_dir: str | Path | None = None, clie
 
 def simulate(config_path: str | Path, *, overrides: Sequence[str] = (), supernodes: int | None = None,
              run_dir: str | Path | None = None, cpus_per_client: float = 1.0, extra: Mapping[str, Any] | None = None,
-             verbose: bool = False) -> RunResult:
+             verbose: bool = False, overwrite: bool = False) -> RunResult:
     """Run the Flower app with the Ray simulation backend in this process (no SuperLink)."""
     from flwr.simulation import run_simulation  # imports Ray
 
     run_config = {"config": str(Path(config_path).resolve()), "overrides": shlex.join(list(overrides)),
-                  "run-dir": str(run_dir or ""), **dict(extra or {})}
+                  "run-dir": str(run_dir or ""), "overwrite": overwrite, **dict(extra or {})}
     config, settings = resolve_run_config(run_config)
     if supernodes is None:
         supernodes = make_task(config).num_clients

@@ -99,8 +99,8 @@ def find_runs(paths: Iterable[str | Path]) -> list[Run]:
 
 def load(path: Path) -> Run | None:
     try:
-        summary = json.loads((path / "summary.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        summary = json.loads((path / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # unreadable, not UTF-8, not JSON: not a run to report
         return None
     if not isinstance(summary, dict) or "metrics" not in summary:
         return None
@@ -118,8 +118,8 @@ def load(path: Path) -> Run | None:
     config: dict[str, Any] = {}
     if "config.toml" in files:
         try:
-            config = flatten(tomllib.loads(files["config.toml"].read_text()))
-        except (OSError, tomllib.TOMLDecodeError):
+            config = flatten(tomllib.loads(files["config.toml"].read_text(encoding="utf-8")))
+        except (OSError, ValueError):  # (TOMLDecodeError and UnicodeDecodeError are ValueErrors)
             config = {}
     config.setdefault("method", summary.get("method"))
     config.setdefault("task.name", summary.get("task"))
