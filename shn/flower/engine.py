@@ -26,8 +26,10 @@ Protocol (Flower Message API, one SuperNode = one client, identity = ``partition
   (:func:`shn.federated.validation.validate_metrics`: the task's metric names only, finite,
   within each metric's range); a rejected one is logged and counted in ``rejected_evaluations``.
 
-Personal tensors (FedPer heads, personal input layers, Local's whole model) live in the node's
-``context.state`` (ArrayRecord ``shn.personal.<client>``) and are never sent.
+Personal tensors (FedPer heads, personal input layers, Local's whole model) and a client method's
+personal state (Ditto's personal model; :mod:`shn.federated.client_method`) live in the node's
+``context.state`` (ArrayRecord ``shn.personal.<client>``) and are never sent. The ClientApp runs
+the method's client side through the same ``ClientRuntime`` as in-process.
 
 Run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, ``--run-config``):
 
@@ -77,7 +79,7 @@ from flwr.serverapp import ServerApp
 from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, dumps_toml, read_config
 from shn.federated.algorithm import eval_weights
 from shn.federated.client import ClientRuntime
-from shn.federated.local import LocalTrainer
+from shn.federated.local import cohort_trainer
 from shn.federated.records import atomic_write_text
 from shn.federated.simulation import RoundFaults, Simulation, write_summary
 from shn.flower.grid import InProcessGrid
@@ -222,6 +224,7 @@ class FlowerSimulation(Simulation):
         clients = self.round_clients(round_)
         if not clients:
             return {"accepted": 0.0, "rejected": 0.0}
+        self.client_updates += len(clients)  # local trainings asked for (the budget), as in-process
         weights = self.server.weights_for(clients)
         cohort = len(clients)
         replies = self._send("train", str(round_), clients, weights,
@@ -361,22 +364,6 @@ def make_server_app(app_dir: str | Path | None = None, defaults: Mapping[str, An
 # ----------------------------------------------------------------------------------------------
 # the client
 
-def cohort_trainer(trainer: LocalTrainer, slot: int, cohort: int) -> LocalTrainer:
-    """A copy of ``trainer`` that trains one client alone with exactly the minibatches it gets
-    in-process: its column ``slot`` of the draw made for the round's whole cohort of ``cohort``."""
-    if not 0 <= slot < cohort:
-        raise ValueError(f"slot {slot} outside a cohort of {cohort}")
-    out = copy.copy(trainer)
-
-    def minibatch_uniforms(generator: torch.Generator, num_clients: int) -> Tensor:
-        if num_clients != 1:
-            raise ValueError("a cohort trainer trains exactly one client")
-        return trainer.minibatch_uniforms(generator, cohort)[:, slot:slot + 1]
-
-    out.minibatch_uniforms = minibatch_uniforms  # type: ignore[method-assign]
-    return out
-
-
 class StatePersonal(MutableMapping):
     """``PersonalStore`` backing in a node's ``context.state``: client -> ArrayRecord
     ``shn.personal.<client>``, kept by the SuperNode between rounds, never sent."""
@@ -448,7 +435,8 @@ def _runtime(built: Built, context: Any, slot: int = 0, cohort: int = 1) -> Clie
     personal = copy.copy(built.runtime.personal)  # same initial values, another backing
     personal.values = StatePersonal(context.state)
     return ClientRuntime(built.task, cohort_trainer(built.runtime.trainer, slot, cohort), built.runtime.store, personal,
-                         attack=built.runtime.attack)  # [attack]: the same malicious clients as in-process
+                         attack=built.runtime.attack,  # [attack]: the same malicious clients as in-process
+                         method=built.runtime.method)
 
 
 def _received(msg: Any, context: Any) -> tuple[Built, int, Mapping[str, Any], dict[str, Tensor]]:
