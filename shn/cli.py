@@ -10,7 +10,9 @@
     shn flower simulate CONFIG [--supernodes N] [--set KEY=VALUE]...   the Flower engine (README: Running across machines with Flower)
 
 ``shn --threads N <command>`` caps torch's CPU threads (several experiments side by side: N=1
-each; oversubscribed cores make torch several times slower).
+each; oversubscribed cores make torch several times slower). ``shn --plugin MODULE <command>``
+(repeatable) imports a module that registers methods, tasks or encoders first; installed
+``shn.plugins`` entry points are always loaded (:mod:`shn.plugins`).
 
 User errors (bad config, missing or malformed file, an unsafe or foreign checkpoint, a full disk)
 end in one line on stderr and exit code 2; a run whose metrics go non-finite (diverged) ends in
@@ -120,6 +122,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads (default: torch's, all cores); use 1 per process "
                              "when running several experiments side by side")
+    parser.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                        help="import MODULE (a module name, or a .py file) before the command, so the methods, "
+                             "tasks and encoders it registers can be used; repeatable. Installed packages' "
+                             "'shn.plugins' entry points are loaded too")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run one experiment from a TOML config")
     _add_run_args(p)
@@ -152,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes (one torch thread each), one (entry, seed) group of runs at a time each")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_suite)
-    p = sub.add_parser("compare", help="paired comparison over seeds: mean ± std, Δ to a reference with 95 % CI, verdict")
+    p = sub.add_parser("compare", help="paired comparison over seeds: mean ± std, Δ to a reference with 95 %% CI, verdict")
     p.add_argument("roots", nargs="+", help="folders of <setting>/<method>/seed<s>/ runs (a suite's out)")
     p.add_argument("--reference", default="pfedhn", help="the method every other is paired with (default pfedhn)")
     p.add_argument("--metric", default=None, help="test metric (default: the runs' primary metric)")
@@ -192,6 +198,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from shn.runner import torch_threads
 
     try:
+        from shn.plugins import load_plugins
+
+        load_plugins(args.plugins)
         with torch_threads(args.threads):  # restored after: main() also runs in-process (tests)
             return int(args.func(args) or 0)
     except (ConfigError, DataError, CheckpointError, WriteError, UserError, FileNotFoundError) as e:

@@ -282,11 +282,14 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _worker(suite_path: str, out: str | None, labels: list[str], extra: tuple[str, ...]) -> dict[str, Any]:
+def _worker(suite_path: str, out: str | None, labels: list[str], extra: tuple[str, ...],
+            plugins: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    import shn  # noqa: F401
+    from shn.plugins import load_specs
+
+    load_specs(plugins)  # the built-ins, and the parent's plugins (spawned: nothing is inherited)
 
     jobs, root = load_suite(suite_path, out, extra)
     wanted = set(labels)
@@ -300,6 +303,9 @@ def _run_parallel(suite_path: str | Path, out: str | Path | None, selected: Sequ
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    from shn.plugins import active
+
+    plugins = active()
     by_label = {j.label: j for j in selected}
     result = SuiteResult(list(selected))
     groups = _groups(selected)
@@ -309,7 +315,8 @@ def _run_parallel(suite_path: str | Path, out: str | Path | None, selected: Sequ
 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-        futures = {pool.submit(_worker, str(suite_path), None if out is None else str(out), [j.label for j in g], extra): g
+        futures = {pool.submit(_worker, str(suite_path), None if out is None else str(out), [j.label for j in g], extra,
+                               plugins): g
                    for g in groups}
         for fut in as_completed(futures):
             group = futures[fut]

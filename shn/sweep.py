@@ -290,6 +290,7 @@ class _Spec:
     progress: bool
     extra: dict[str, Any] = field(default_factory=dict)
     pruner_args: dict[str, Any] | None = None  # make_pruner's arguments: how workers rebuild it
+    plugins: list[dict[str, Any]] = field(default_factory=list)  # shn.plugins.active(): what workers import
 
     def to_json(self) -> str:
         """The spec for a worker process (JSON: nothing in it can run code when read)."""
@@ -297,7 +298,7 @@ class _Spec:
             raise ConfigError("pruner: a pruner object cannot be sent to worker processes; with --workers > 1 "
                               f"use a pruner by name ({', '.join(PRUNERS)})")
         data = {k: getattr(self, k) for k in ("base_data", "storage", "study_name", "trials", "out", "seed", "lock",
-                                              "threads", "progress", "extra", "pruner_args")}
+                                              "threads", "progress", "extra", "pruner_args", "plugins")}
         data["space"] = {path: {**vars(p), "choices": list(p.choices)} for path, p in self.space.items()}
         try:
             return json.dumps(data, allow_nan=False)
@@ -379,8 +380,9 @@ def _worker_main(spec_path: str, worker: int) -> int:
         import torch
 
         torch.set_num_threads(spec.threads)
-    import shn  # noqa: F401  (registers methods and tasks)
+    from shn.plugins import load_specs
 
+    load_specs(spec.plugins)  # the built-ins, and the parent's plugins (their methods, tasks, encoders)
     held = CommandLock(command_lock_path(Path(spec.lock), spec.study_name))
     held.share()  # if the command's first process dies, this worker's trials still count as live
     try:
@@ -436,8 +438,10 @@ def sweep(config_path: str | Path, trials: int = 20, storage: str | None = None,
         threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
         pruner_args = (dict(pruner=pruner, n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps)
                        if isinstance(pruner, str) else None)
+        from shn.plugins import active
+
         spec = _Spec(base_data, space, storage, study_name, trials, str(out), base.seed, pruner_obj, str(lock),
-                     threads, progress, pruner_args=pruner_args)
+                     threads, progress, pruner_args=pruner_args, plugins=active())
         procs: list[subprocess.Popen] = []
         if workers > 1:
             from shn.federated.records import atomic_write_text

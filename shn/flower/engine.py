@@ -86,6 +86,7 @@ from shn.flower.grid import InProcessGrid
 from shn.federated.validation import expected_metric_keys, validate_metrics
 from shn.flower.identity import discover_clients, load_partition_map
 from shn.flower.identity import message as _message
+from shn.plugins import ENV_VAR, load_from_env, specs_json
 from shn.registry import METHODS
 from shn.runner import INFERRED_GRAPHS, Built, RunResult, build, make_summary, make_task
 from shn.seeding import torch_generator
@@ -352,6 +353,7 @@ def make_server_app(app_dir: str | Path | None = None, defaults: Mapping[str, An
 
     @app.main()
     def main(grid: Any, context: Any) -> None:
+        load_from_env()  # plugin methods / tasks / encoders: entry points and SHN_PLUGINS
         run_config = {**dict(defaults or {}), **dict(context.run_config or {})}
         config, settings = resolve_run_config(run_config, app_dir)
         result = run_federation(grid, config, settings)
@@ -421,6 +423,7 @@ def client_built(text: str, client: int, node_config: Mapping[str, Any] | None =
     node_config = dict(node_config or {})
     key = (text, client, str(node_config.get("data-dir", "")))
     if key not in _BUILT:
+        load_from_env()  # this process's plugins (its entry points and SHN_PLUGINS), never the server's
         config = _client_config(text, node_config)
         tkey = config_text(config)
         if tkey not in _TASKS:
@@ -508,8 +511,16 @@ def simulate(config_path: str | Path, *, overrides: Sequence[str] = (), supernod
     server_app = make_server_app(defaults=run_config, on_result=results.append)
     backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
                "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
-    run_simulation(server_app=server_app, client_app=make_client_app(), num_supernodes=int(supernodes),
-                   backend_config=backend, verbose_logging=verbose)
+    saved = os.environ.get(ENV_VAR)
+    os.environ[ENV_VAR] = specs_json()  # the client processes (Ray workers) import this process's plugins
+    try:
+        run_simulation(server_app=server_app, client_app=make_client_app(), num_supernodes=int(supernodes),
+                       backend_config=backend, verbose_logging=verbose)
+    finally:
+        if saved is None:
+            os.environ.pop(ENV_VAR, None)
+        else:
+            os.environ[ENV_VAR] = saved
     if not results:
         raise RuntimeError("the Flower simulation ended without a result (see the log above)")
     return results[0]
