@@ -2,7 +2,7 @@
 
     shn run CONFIG [--set KEY=VALUE]... [--out DIR] [--resume]
     shn pipeline CONFIG [...]         three-stage SHN: pFedHN → graph from embeddings → SHN
-    shn sweep CONFIG --trials N --storage URL [--workers W] [--study NAME]
+    shn sweep CONFIG --trials N --storage URL [--workers W] [--study NAME]   N more trials
     shn suite SUITE.toml [--jobs N]   every (method, task, seed) of a comparison, resumable
     shn compare SUITE_OUT... [--reference pfedhn]   paired Δ over seeds with 95 % CIs and verdicts
     shn report RUN_DIR... [--out DIR] tables and plots from recorded metrics
@@ -135,7 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: _cmd_run(a, pipeline=True))
     p = sub.add_parser("sweep", help="optuna hyperparameter sweep over the config's [sweep] table")
     p.add_argument("config")
-    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--trials", type=int, default=20, metavar="N",
+                   help="trials to ADD to the study (default 20): on a resumed study, N more; 0 runs none and "
+                        "only rewrites trials.csv and best.toml")
     p.add_argument("--storage", default=None, help="sqlite:///file.db or a journal file path (default: in the out dir)")
     p.add_argument("--workers", type=int, default=1, help="worker processes sharing the study")
     p.add_argument("--study", default=None, help="study name (default: the config's stem)")
