@@ -21,7 +21,7 @@ from typing import Any, Sequence
 import torch
 
 from shn.build import _held_out, build, execute, make_task
-from shn.config import RunConfig
+from shn.config import ConfigError, RunConfig
 from shn.federated.records import atomic_write_text
 from shn.hypernetwork import embedding_drift, initial_embeddings
 from shn.run_graph import (
@@ -35,7 +35,7 @@ from shn.run_graph import (
 )
 from tasks.base import Task
 
-__all__ = ["client_info", "describe_graph", "given_task_graph", "infer_graph", "publish_stage1", "resolve_graph",
+__all__ = ["check_graph_method", "client_info", "describe_graph", "given_task_graph", "infer_graph", "publish_stage1", "resolve_graph",
            "rewire_graph", "run_pipeline", "stage1_config", "without_clients"]
 
 log = logging.getLogger("shn.pipeline")
@@ -45,6 +45,7 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
                  resume: bool = False, progress: bool = True, on_eval=None, held_out: Sequence[int] = ()):
     """Run stages 1–3 and return stage 3's ``RunResult`` (its summary gains ``graph`` and
     ``stage1_metrics``). Every stage writes its own sub-directory of ``run_dir``."""
+    check_graph_method(config)
     task = task if task is not None else make_task(config)
     root = Path(run_dir) if run_dir is not None else None
     sub = (lambda name: root / name) if root is not None else (lambda name: None)  # noqa: E731
@@ -115,6 +116,18 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
         if stage3_dir is not None:
             atomic_write_text(stage3_dir / "summary.json", json.dumps(result.summary, indent=2, sort_keys=True) + "\n")
     return result
+
+
+def check_graph_method(config: RunConfig) -> None:
+    """Stage 3 must be a method that uses the client graph; anything else would silently train
+    pFedHN, a graph nobody uses, and then the method itself (e.g. pFedHN twice)."""
+    from shn.registry import METHODS
+
+    if not METHODS.get(config.method).meta.get("needs_graph"):
+        graph_methods = [m for m in METHODS.names() if METHODS.get(m).meta.get("needs_graph")]
+        raise ConfigError(f"method: {config.method!r} uses no client graph, so the three-stage pipeline "
+                          f"(pFedHN → graph → graph method) does not apply; use `shn run` for it, or a graph "
+                          f"method ({', '.join(graph_methods)}), e.g. --set method=shn")
 
 
 def stage1_config(config: RunConfig) -> RunConfig:

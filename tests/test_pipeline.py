@@ -46,3 +46,13 @@ def test_pfedhn_run_is_reused_as_stage1_and_changes_nothing(task, tmp_path):
 def test_pfedhn_run_with_another_budget_is_not_stage1(task, tmp_path):
     run(config("pfedhn", tmp_path / "cache", "graph.stage1_rounds=1"), task=task, progress=False)
     assert not any((tmp_path / "cache").glob("*/embeddings.pt"))
+
+
+def test_shn_pipeline_on_a_method_without_a_graph_is_a_one_line_error(tmp_path, capsys):
+    """`shn pipeline` with method = "pfedhn" used to train pFedHN, a graph, then pFedHN again."""
+    from shn.cli import main
+
+    code = main(["pipeline", QUICKSTART, "--set", "rounds=1", "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "'pfedhn' uses no client graph" in err and "shn" in err and not (tmp_path / "p").exists()

@@ -150,3 +150,25 @@ def test_rewire_homophily_in_graph_inference():
         assert g.num_edges == plain.num_edges and g.is_symmetric() and torch.equal(g.edge_index, again.edge_index)
         h = edge_homophily(g, sets=task.label_sets())["homophily"]
         assert abs(h - target) < abs(h0 - target) or h == target
+
+
+def test_two_runs_with_the_same_config_and_seed_are_one_run_not_two_seeds(tmp_path, caplog):
+    """`shn report runs/cmp/* runs/pipe` printed "pfedhn 0.3840 ± 0.0000 (n=2)" for two seed-0
+    runs of one config. They are one experiment: counted once (the newer kept), with a warning."""
+    import os
+
+    _fake_run(tmp_path / "cmp" / "pfedhn", "pfedhn", 0, 0.384)
+    _fake_run(tmp_path / "pipe", "pfedhn", 0, 0.384, device="cuda")  # where it ran does not matter
+    os.utime(tmp_path / "pipe" / "summary.json", (2e9, 2e9))
+    _fake_run(tmp_path / "cmp" / "pfedhn-1", "pfedhn", 1, 0.5)
+    groups = group_runs(find_runs([tmp_path]))
+    (g,) = groups
+    assert sorted(r.seed for r in g.runs) == [0, 1] and g.stats("test_accuracy")[2] == 2
+    assert [(d.path.name, k.path.name) for d, k in g.duplicates] == [("pfedhn", "pipe")]
+    assert "same config with seed 0: counted once" in caplog.text
+    out = tmp_path / "report"
+    build_report([tmp_path], out=out)
+    md = (out / "report.md").read_text()
+    assert "2 runs in 1 groups" in md and "Duplicates counted once** (1)" in md
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert rows[0]["runs"] == "2" and rows[0]["seeds"] == "0 1"

@@ -53,12 +53,17 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report") -> 
                 out / f"heterophily_{slug}.png", f"{s}: test metric vs edge homophily", xlim=(-0.05, 1.05)):
             figures[s].append(f"heterophily_{slug}.png")
 
+    kept = sum(len(g.runs) for g in groups)
     lines = ["# Results", "",
-             f"{len(runs)} runs in {len(groups)} groups, read from `summary.json` / `metrics.jsonl` of: "
+             f"{kept} runs in {len(groups)} groups, read from `summary.json` / `metrics.jsonl` of: "
              + ", ".join(f"`{p}`" for p in run_dirs) + ".",
              "Cells: test metric at the end of training, mean ± sample std (ddof=1) over seeds (a single run: "
              "its value). Bold: best per column (max for accuracy, min for loss / mse / mae / rmse).", "",
              "## Main table", "", main_table(groups), ""]
+    duplicates = [(d, k) for g in groups for d, k in g.duplicates]
+    if duplicates:
+        lines[-4:-4] = [f"**Duplicates counted once** ({len(duplicates)}): same config and seed as a kept run — "
+                        + "; ".join(f"`{d.path}` (kept `{k.path}`)" for d, k in duplicates) + ".", ""]
     for s in settings:
         gs = [g for g in groups if g.setting == s]
         lines += [f"## {s}", "", detail_table(gs), ""]
