@@ -33,8 +33,15 @@ PREFIX = "ditto."  # the personal model's tensors in the client's personal state
 
 @dataclass(frozen=True)
 class DittoOptions(FedAvgOptions):
-    lam: float = 1.0  # λ: pull of the personal model towards the global one
-    personal_steps: int | None = None  # local steps on the personal model; None: local.steps
+    """Ditto: FedAvg's server options (for the global model), and
+
+    Attributes:
+        lam: λ, the pull λ/2 ||v − w_global||² of each personal model towards the global one.
+        personal_steps: local steps on the personal model per round; None: local.steps.
+    """
+
+    lam: float = 1.0
+    personal_steps: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -21,7 +21,13 @@ from shn.methods import MethodContext, register_method
 
 @dataclass(frozen=True)
 class FedProxOptions(FedAvgOptions):
-    mu: float = 0.01  # weight of the proximal term
+    """FedProx: FedAvg's server options, and
+
+    Attributes:
+        mu: weight of the proximal term mu/2 ||w − w_global||² in the clients' loss (0: FedAvg).
+    """
+
+    mu: float = 0.01
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -18,8 +18,15 @@ from shn.methods import MethodContext, register_method
 
 @dataclass(frozen=True)
 class FedRepOptions(FedAvgOptions):
+    """FedRep: FedAvg's server options (for the body), and
+
+    Attributes:
+        head_prefix: the personal head: target tensors whose names start with this.
+        head_steps: local steps on the head (body fixed) before the body steps; None: local.steps.
+    """
+
     head_prefix: str = "head."
-    head_steps: int | None = None  # local steps on the head; None: local.steps
+    head_steps: int | None = None
 
     def __post_init__(self) -> None:
         super().__post_init__()

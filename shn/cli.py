@@ -7,6 +7,7 @@
     shn compare SUITE_OUT... [--reference pfedhn]   paired Δ over seeds with 95 % CIs and verdicts
     shn report RUN_DIR... [--out DIR] tables and plots from recorded metrics
     shn inspect CONFIG [--set KEY=VALUE]... [--json]   load the task: clients, split sizes, inputs, graph degree
+    shn config [--defaults | CONFIG] [--markdown]   every config key: type, default, meaning (or CONFIG's values)
     shn flower simulate CONFIG [--supernodes N] [--set KEY=VALUE]...   the Flower engine (README: Running across machines with Flower)
 
 ``shn --threads N <command>`` caps torch's CPU threads (several experiments side by side: N=1
@@ -116,6 +117,23 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from shn.config_reference import format_markdown, format_text, reference
+
+    if args.config is not None and args.defaults:
+        raise UserError("shn config: give either --defaults or a CONFIG, not both")
+    config = None
+    if args.config is not None:
+        from shn.config import load_config
+
+        config = load_config(args.config, args.overrides)
+    elif args.overrides:
+        raise UserError("shn config: --set needs a CONFIG")
+    sections = reference(config, builtin_only=args.builtin_only)
+    print(format_markdown(sections) if args.markdown else format_text(sections))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shn", description="Personalized FL with sheaf hypernetworks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
@@ -175,6 +193,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser("config", help="every config key with its type, default and meaning (--defaults), or the "
+                                      "values a CONFIG resolves to")
+    p.add_argument("config", nargs="?", default=None, help="a TOML config: list its task's and method's keys with "
+                                                         "the values it resolves to")
+    p.add_argument("--defaults", action="store_true", help="every table, every task and method, with defaults "
+                                                          "(the default without CONFIG)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--markdown", action="store_true", help="a markdown page (docs/config.md is this for the built-ins)")
+    p.add_argument("--builtin-only", action="store_true", help="leave out plugins' tasks and methods")
+    p.set_defaults(func=_cmd_config)
     from shn.flower import add_flower_parser
 
     add_flower_parser(sub)

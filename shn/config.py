@@ -31,7 +31,20 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class LocalConfig:
-    """Client-side training (pFedHN defaults, METHOD §3.1)."""
+    """Client-side training (pFedHN defaults, METHOD §3.1).
+
+    Attributes:
+        steps: local SGD steps per client and round (one minibatch each).
+        lr: local learning rate.
+        momentum: local SGD momentum.
+        weight_decay: local L2 weight decay.
+        batch_size: minibatch size (sampled with replacement from the client's train split).
+        grad_clip: per-client gradient-norm clipping at every step; 0 disables.
+        mode: how clients train: "vmap" (one batched call per step for all clients), "loop"
+            (one client at a time), or "auto": a documented rule (loop for convolutional
+            targets on CPU, vmap otherwise), chosen by rule rather than by timing so that the
+            same config always takes the same path.
+    """
 
     steps: int = 50
     lr: float = 5e-3
@@ -39,8 +52,6 @@ class LocalConfig:
     weight_decay: float = 5e-5
     batch_size: int = 64
     grad_clip: float = 50.0
-    # "auto": a documented rule (loop for convolutional targets on CPU, vmap otherwise), chosen
-    # by rule rather than by timing so that the same config always takes the same path.
     mode: Literal["auto", "vmap", "loop"] = "auto"
 
     def __post_init__(self) -> None:
@@ -50,19 +61,34 @@ class LocalConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """The server optimiser (hypernetwork parameters, or FedOpt's global model)."""
+    """The server optimiser of the hypernetwork methods (FedAvg-family methods take theirs from
+    ``[methods.<name>]``).
+
+    Attributes:
+        optimizer: "sgd" or "adam" over the hypernetwork's parameters.
+        lr: server learning rate.
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum (needs momentum > 0).
+        weight_decay: L2 weight decay of the hypernetwork (not of the client embeddings).
+        embed_lr: the client embeddings' own learning rate; None: lr.
+        embed_weight_decay: weight decay of the client embeddings (pFedHN: none).
+        delta_reduction: "sum" of the clients' vector-Jacobian products (pFedHN's per-client
+            step semantics) or "mean" (divided by the round's client count: the behaviour
+            before a fix, kept to reproduce old results).
+        grad_clip: gradient-norm clipping of a server step (times the client count with "sum");
+            0 disables.
+        betas: Adam's (beta1, beta2).
+    """
 
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 1e-2
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-3
-    embed_lr: float | None = None  # client embeddings' own lr; None = lr
-    embed_weight_decay: float = 0.0  # pFedHN: no weight decay on the client embeddings
-    # hypernetwork methods: "sum" of the clients' VJPs (pFedHN's per-client step semantics) or
-    # "mean" (divided by the round's client count: the pre-fix behaviour, for old results)
+    embed_lr: float | None = None
+    embed_weight_decay: float = 0.0
     delta_reduction: Literal["sum", "mean"] = "sum"
-    grad_clip: float = 50.0  # 0 disables
+    grad_clip: float = 50.0
     betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
@@ -73,14 +99,22 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class HyperNetworkConfig:
-    """Embeddings → encoder → MLP trunk → one linear head per target tensor (pFedHN)."""
+    """Embeddings → encoder → MLP trunk → one linear head per target tensor (pFedHN).
 
-    embed_dim: int | None = None  # None: 1 + N/4 as in pFedHN
+    Attributes:
+        embed_dim: width of the client embeddings; None: 1 + N/4 for N clients, as in pFedHN.
+        hidden: width of the MLP trunk.
+        n_hidden: hidden layers of the MLP trunk.
+        spectral_norm: spectral normalisation of the trunk's linear layers.
+        graph_branch: graph methods: the trunk reads the encoder output ("replace", the SHN
+            paper) or the embedding plus a zero-initialised projection of it ("residual":
+            starts as pFedHN).
+    """
+
+    embed_dim: int | None = None
     hidden: int = 100
     n_hidden: int = 3
     spectral_norm: bool = False
-    # graph methods: the trunk reads the encoder output ("replace", the SHN paper) or the
-    # embedding plus a zero-initialised projection of it ("residual": starts as pFedHN)
     graph_branch: Literal["replace", "residual"] = "replace"
 
     def __post_init__(self) -> None:
@@ -92,9 +126,24 @@ class HyperNetworkConfig:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Graph encoder between the embeddings and the heads (SHN: sheaf diffusion; GHN: GCN)."""
+    """Graph encoder between the embeddings and the heads (SHN: sheaf diffusion; GHN: GCN).
 
-    # None: the method's defining encoder (identity / gcn / sheaf); or any registered encoder
+    Attributes:
+        kind: the encoder; None: the method's defining one (pFedHN identity, GHN/Panacea gcn,
+            SHN sheaf), or any registered encoder name.
+        layers: diffusion / GCN layers (the depth L).
+        stalk_dim: sheaf stalk dimension d.
+        hidden_channels: channels per stalk dimension (sheaf diffusion width = d × this).
+        sheaf_type: restriction maps: "diag" (diagonal), "orth" (orthogonal, Householder) or
+            "general".
+        normalised: use the normalised sheaf Laplacian.
+        nonlinear: a non-linearity in each diffusion layer.
+        edge_weights: learn edge weights in the sheaf Laplacian; None: the neural sheaf
+            diffusion default (on for "orth").
+        dropout: dropout inside the encoder (train mode only, seeded).
+        gcn_hidden: GCN width; None: stalk_dim × hidden_channels (the same width as SHN).
+    """
+
     kind: str | None = None
     layers: int = 2
     stalk_dim: int = 3
@@ -102,9 +151,9 @@ class EncoderConfig:
     sheaf_type: Literal["diag", "orth", "general"] = "diag"
     normalised: bool = True
     nonlinear: bool = True
-    edge_weights: bool | None = None  # None: NSD default (on for orth)
+    edge_weights: bool | None = None
     dropout: float = 0.0
-    gcn_hidden: int | None = None  # None: stalk_dim * hidden_channels (same width as SHN)
+    gcn_hidden: int | None = None
 
     def __post_init__(self) -> None:
         _non_negative(self, "layers", "dropout")
@@ -113,26 +162,41 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class GraphConfig:
-    """The client-relation graph. ``given`` takes the task's own graph (e.g. road sensors) or
-    ``path``; ``knn``/``threshold`` are built from stage-1 embeddings by ``shn pipeline``."""
+    """The client-relation graph of the graph methods (SHN, GHN, Panacea).
+
+    Attributes:
+        kind: "given" (the task's own graph, e.g. road sensors, or ``path``), "complete", or
+            inferred from stage-1 pFedHN embeddings by the three-stage pipeline: "knn",
+            "threshold" or "learned" (edge weights trained over kNN candidates).
+        k: neighbours per client of the kNN graph.
+        tau: similarity threshold of the "threshold" graph.
+        metric: similarity of the embeddings: "cosine" or "euclidean".
+        path: a graph file for any task (ClientGraph JSON, or a dense N × N matrix as .csv /
+            .npy), in the client order of ``shn inspect``; relative to the working directory.
+        candidate_k: "learned": candidate edges = kNN with this k over the stage-1 embeddings
+            (0 = complete).
+        stage1_rounds: the stage-1 (pFedHN) budget of the three-stage pipeline; None: the run's
+            rounds.
+        stage1_cache: a folder where stage-1 results are cached by a hash of everything stage 1
+            depends on, so graph methods with the same seed and budget train pFedHN once; None:
+            no caching.
+        stage3_init: stage 3 starts from the stage-1 "embeddings" only (fresh trunk and heads)
+            or from the "full" stage-1 hypernetwork (needs hypernetwork.graph_branch =
+            "residual").
+        rewire_homophily: heterophily studies: rewire the graph toward this edge homophily
+            (w.r.t. the task's client label sets, else groups) before training, keeping the edge
+            count; None: no rewiring.
+    """
 
     kind: Literal["given", "knn", "threshold", "complete", "learned"] = "knn"
     k: int = 5
     tau: float = 0.5
     metric: Literal["cosine", "euclidean"] = "cosine"
     path: str | None = None
-    # learned: candidate edges = kNN with this k over the stage-1 embeddings (0 = complete)
     candidate_k: int = 10
-    # stage 1 (pFedHN) budget of the three-stage pipeline; None = the run's ``rounds``
     stage1_rounds: int | None = None
-    # a folder where stage-1 results are cached by a hash of everything stage 1 depends on, so
-    # graph methods with the same seed and budget train pFedHN once (None: no caching)
     stage1_cache: str | None = None
-    # stage 3 starts from the stage-1 "embeddings" only (fresh trunk and heads), or from the
-    # "full" stage-1 hypernetwork (needs hypernetwork.graph_branch = "residual")
     stage3_init: Literal["embeddings", "full"] = "embeddings"
-    # heterophily studies: rewire the graph toward this edge homophily (w.r.t. the task's client
-    # label sets, else groups) before training, keeping the edge count; None = no rewiring
     rewire_homophily: float | None = None
 
     def __post_init__(self) -> None:
@@ -148,11 +212,18 @@ class NovelConfig:
     out of training (sampling pool and graph edges); after training each gets a new embedding
     fitted with the hypernetwork frozen (``steps`` server steps, each after a local training
     run with ``[local]``), is attached to the graph by kNN (``graph.k``) on that embedding every
-    ``reattach_every`` steps, and is evaluated on its test split (``novel_test_*``)."""
+    ``reattach_every`` steps, and is evaluated on its test split (``novel_test_*``).
+
+    Attributes:
+        fraction: share of the clients held out of training as novel clients (0: none).
+        steps: server steps fitting each novel client's embedding.
+        lr: learning rate of that fit; None: server.embed_lr (or server.lr).
+        reattach_every: steps between re-attaching a novel client to the graph by kNN.
+    """
 
     fraction: float = 0.0
     steps: int = 50
-    lr: float | None = None  # None: server.embed_lr (or server.lr)
+    lr: float | None = None
     reattach_every: int = 10
 
     def __post_init__(self) -> None:
@@ -166,10 +237,15 @@ class NovelConfig:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """Client-update checks done before any server update."""
+    """Client-update checks done before any server update.
 
-    max_norm: float = 1e4  # reject a delta whose L2 norm is above this
-    clip_norm: float = 0.0  # hypernetwork methods: scale deltas down to this norm (0 = off)
+    Attributes:
+        max_norm: reject a client's delta whose L2 norm is above this.
+        clip_norm: hypernetwork methods: scale deltas down to this norm; 0: off.
+    """
+
+    max_norm: float = 1e4
+    clip_norm: float = 0.0
 
     def __post_init__(self) -> None:
         _positive(self, "max_norm")
@@ -183,7 +259,14 @@ class AttackConfig:
     a plain sign flip), ``random`` sends Gaussian noise of std ``noise_std`` per coordinate instead
     of its update, ``label_flip`` trains honestly on permuted labels (a seeded derangement of the
     classes, train split only). The summary then reports ``honest_test_*`` and
-    ``malicious_clients``."""
+    ``malicious_clients``.
+
+    Attributes:
+        kind: the attack: "none", "scale", "sign_flip", "random" or "label_flip".
+        fraction: share of the clients that are malicious (chosen from the run seed).
+        scale: "scale" / "sign_flip": the factor applied to the malicious clients' deltas.
+        noise_std: "random": standard deviation of the noise sent instead of an update.
+    """
 
     kind: Literal["none", "scale", "sign_flip", "random", "label_flip"] = "none"
     fraction: float = 0.0
@@ -201,7 +284,11 @@ class AttackConfig:
 class FaultConfig:
     """Injected client faults: each sampled client fails (sends nothing) with probability
     ``dropout`` in each round, drawn from the run seed; failures are counted in
-    ``failed_clients``."""
+    ``failed_clients``.
+
+    Attributes:
+        dropout: probability that a sampled client fails in a round, in [0, 1).
+    """
 
     dropout: float = 0.0
 
@@ -212,7 +299,13 @@ class FaultConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """``name`` picks a registered task; the remaining keys are that task's own options."""
+    """``name`` picks a registered task; the remaining keys are that task's own options.
+
+    Attributes:
+        name: the task (a registered name: digits, mnist, cifar10, cifar100, traffic, weather,
+            tabular, timeseries, or a plugin's).
+        options: the task's own options (the other keys of the [task] table).
+    """
 
     name: str = "digits"
     options: Any = None
@@ -223,12 +316,39 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    """One run: the top level of a TOML config, and its tables.
+
+    Attributes:
+        method: the federated method (a registered name: pfedhn, shn, ghn, panacea, fedavg,
+            fedprox, ditto, fedper, fedrep, local, decoupled, attentive, or a plugin's).
+        seed: the run seed; every random choice (data split, initialisation, client sampling,
+            minibatches) derives from it.
+        rounds: federated rounds.
+        clients_per_round: clients sampled per round.
+        eval_every: rounds between evaluations of every client on val and test (and after the
+            last round).
+        checkpoint_every: rounds between checkpoints; 0: only at the end.
+        device: torch device: "cpu", "cuda", "cuda:N" or "mps".
+        task: the [task] table: ``name`` and that task's options.
+        local: the [local] table: client-side training.
+        server: the [server] table: the hypernetwork methods' server optimiser.
+        hypernetwork: the [hypernetwork] table.
+        encoder: the [encoder] table: the graph encoder.
+        graph: the [graph] table: the client-relation graph.
+        validation: the [validation] table: checks on client updates.
+        attack: the [attack] table: simulated malicious clients.
+        faults: the [faults] table: injected client failures.
+        novel: the [novel] table: novel-client generalisation.
+        methods: per-method options, [methods.<name>] tables (only the active method's are used).
+        sweep: the optuna search space of ``shn sweep``: parameter path → distribution table.
+    """
+
     method: str = "pfedhn"
     seed: int = 0
     rounds: int = 100
     clients_per_round: int = 5
     eval_every: int = 25
-    checkpoint_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0
     device: str = "cpu"
     task: TaskConfig = field(default_factory=TaskConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
@@ -240,9 +360,7 @@ class RunConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     novel: NovelConfig = field(default_factory=NovelConfig)
-    # per-method options, keyed by method name (only the active method's are used)
     methods: Mapping[str, Any] = field(default_factory=dict)
-    # the optuna search space: parameter path → distribution table (used by `shn sweep`)
     sweep: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:

@@ -27,7 +27,8 @@ def given_task_graph(config: RunConfig, task: Task) -> ClientGraph:
     if config.graph.path:
         path = Path(config.graph.path)
         if not path.is_file():
-            raise ConfigError(f"graph.path: {path} not found")
+            where = "" if path.is_absolute() else f" (relative to the working directory {Path.cwd()})"
+            raise ConfigError(f"graph.path: {path} not found{where}")
         if path.suffix == ".json":
             try:
                 graph = ClientGraph.load(path)
