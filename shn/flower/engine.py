@@ -48,7 +48,7 @@ Run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, ``--run
                     up like ``config``); "" = none (contested partitions are dropped).
 ==================  =======================================================================
 
-Any other key given programmatically (``run_simulation`` defaults, tests) is an override too:
+Any other key given programmatically (``make_server_app`` defaults, tests) is an override too:
 ``"server.lr" = 0.01``; dashes become underscores (``"local.batch-size"``). Flower itself only
 accepts ``--run-config`` keys that the app's pyproject declares, hence ``overrides``.
 """
@@ -59,7 +59,6 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 import shlex
 import time
 import tomllib
@@ -86,7 +85,7 @@ from shn.flower.grid import InProcessGrid
 from shn.federated.validation import expected_metric_keys, validate_metrics
 from shn.flower.identity import discover_clients, load_partition_map
 from shn.flower.identity import message as _message
-from shn.plugins import ENV_VAR, load_from_env, specs_json
+from shn.plugins import load_from_env
 from shn.registry import METHODS
 from shn.runner import INFERRED_GRAPHS, Built, RunResult, build, make_summary, make_task
 from shn.seeding import torch_generator
@@ -491,36 +490,3 @@ def run_in_process(config: RunConfig, *, run_dir: str | Path | None = None, clie
     task = make_task(config)
     grid = grid or InProcessGrid(client_app or make_client_app(), task.num_clients)
     return run_federation(grid, config, EngineSettings(run_dir=Path(run_dir) if run_dir else None))
-
-
-# ----------------------------------------------------------------------------------------------
-# Ray simulation
-
-def simulate(config_path: str | Path, *, overrides: Sequence[str] = (), supernodes: int | None = None,
-             run_dir: str | Path | None = None, cpus_per_client: float = 1.0, extra: Mapping[str, Any] | None = None,
-             verbose: bool = False) -> RunResult:
-    """Run the Flower app with the Ray simulation backend in this process (no SuperLink)."""
-    from flwr.simulation import run_simulation  # imports Ray
-
-    run_config = {"config": str(Path(config_path).resolve()), "overrides": shlex.join(list(overrides)),
-                  "run-dir": str(run_dir or ""), **dict(extra or {})}
-    config, settings = resolve_run_config(run_config)
-    if supernodes is None:
-        supernodes = make_task(config).num_clients
-    results: list[RunResult] = []
-    server_app = make_server_app(defaults=run_config, on_result=results.append)
-    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
-    saved = os.environ.get(ENV_VAR)
-    os.environ[ENV_VAR] = specs_json()  # the client processes (Ray workers) import this process's plugins
-    try:
-        run_simulation(server_app=server_app, client_app=make_client_app(), num_supernodes=int(supernodes),
-                       backend_config=backend, verbose_logging=verbose)
-    finally:
-        if saved is None:
-            os.environ.pop(ENV_VAR, None)
-        else:
-            os.environ[ENV_VAR] = saved
-    if not results:
-        raise RuntimeError("the Flower simulation ended without a result (see the log above)")
-    return results[0]
