@@ -1,3 +1,5 @@
 """Federated methods, one small file each; importing this package registers them all."""
 
-from baselines import attentive, decoupled, fedavg, fedper, ghn, local, panacea, pfedhn, shn  # noqa: F401
+from baselines import (  # noqa: F401
+    attentive, decoupled, ditto, fedavg, fedper, fedprox, fedrep, ghn, local, panacea, pfedhn, shn,
+)

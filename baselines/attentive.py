@@ -29,11 +29,21 @@ from shn.target import Params, ParamSpec
 
 @dataclass(frozen=True)
 class AttentiveOptions:
+    """Attentive key-layer aggregation.
+
+    Attributes:
+        key_layers: the per-client key tensors (each with its own attention).
+        temperature: τ of the attention softmax (→ ∞: the plain mean), > 0.
+        step: ε in [0, 1]: 0 sends a client its own layer, 1 the attention-weighted mean.
+        similarity: "l2" (negative distance) or "cosine" between two clients' key layers.
+        neighbours: attend over a client's graph neighbours (and itself) only.
+    """
+
     key_layers: tuple[str, ...] = ("head.weight", "head.bias")
-    temperature: float = 1.0  # τ
-    step: float = 1.0  # ε
+    temperature: float = 1.0
+    step: float = 1.0
     similarity: Literal["l2", "cosine"] = "l2"
-    neighbours: bool = False  # attend over graph neighbours only
+    neighbours: bool = False
 
     def __post_init__(self) -> None:
         if not self.key_layers:

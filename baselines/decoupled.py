@@ -19,7 +19,14 @@ from shn.methods import MethodContext, register_method
 
 @dataclass(frozen=True)
 class DecoupledOptions(FedAvgOptions):
-    input_prefix: str | None = None  # None: the target's first layer (input_proj.* / conv1.*)
+    """Decoupled input layers: FedAvg's server options, and
+
+    Attributes:
+        input_prefix: the personal input layer: target tensors whose names start with this;
+            None: the target's first layer (input_proj.* / conv1.*).
+    """
+
+    input_prefix: str | None = None
 
 
 @register_method("decoupled", DecoupledOptions)

@@ -18,14 +18,26 @@ from shn.methods import MethodContext, register_method
 
 @dataclass(frozen=True)
 class FedAvgOptions:
+    """The server optimiser of FedAvg and its relatives (``[methods.<name>]``).
+
+    Attributes:
+        optimizer: server optimiser over the mean delta as pseudo-gradient: "sgd" or "adam".
+        lr: server learning rate (1 with SGD and no momentum: plain FedAvg).
+        momentum: server SGD momentum (FedAvgM).
+        nesterov: Nesterov momentum (needs momentum > 0).
+        weight_decay: server L2 weight decay.
+        betas: Adam's (beta1, beta2) (FedAdam).
+        aggregation: how the accepted deltas are combined: "mean" (example-weighted, FedAvg),
+            or the unweighted coordinate-wise "median" / "trimmed_mean" (Byzantine-robust).
+        trim_fraction: "trimmed_mean": drop floor(trim_fraction · C) deltas per side, in [0, 0.5).
+    """
+
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 1.0
     momentum: float = 0.0
     nesterov: bool = False
     weight_decay: float = 0.0
     betas: tuple[float, float] = (0.9, 0.999)
-    # how the accepted deltas are combined: example-weighted mean (FedAvg), or the unweighted
-    # coordinate-wise median / trimmed mean (drop floor(trim_fraction·C) per side)
     aggregation: Literal["mean", "median", "trimmed_mean"] = "mean"
     trim_fraction: float = 0.1
 

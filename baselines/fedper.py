@@ -14,6 +14,12 @@ from shn.methods import MethodContext, register_method
 
 @dataclass(frozen=True)
 class FedPerOptions(FedAvgOptions):
+    """FedPer: FedAvg's server options, and
+
+    Attributes:
+        head_prefix: the personal head: target tensors whose names start with this.
+    """
+
     head_prefix: str = "head."
 
 

@@ -25,8 +25,15 @@ from shn.methods import MethodContext, build_hypernetwork, hypernetwork_algorith
 
 @dataclass(frozen=True)
 class PanaceaOptions:
-    graph_loss_weight: float = 0.1  # λ
-    negative_ratio: float = 1.0  # sampled non-edges per edge
+    """Panacea's graph-reconstruction regulariser.
+
+    Attributes:
+        graph_loss_weight: λ, the weight of the reconstruction loss (0: GHN).
+        negative_ratio: sampled non-edges per edge.
+    """
+
+    graph_loss_weight: float = 0.1
+    negative_ratio: float = 1.0
 
     def __post_init__(self) -> None:
         if self.graph_loss_weight < 0 or self.negative_ratio < 0:

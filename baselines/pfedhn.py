@@ -13,7 +13,15 @@ from shn.methods import MethodContext, build_hypernetwork, hypernetwork_algorith
 
 @dataclass(frozen=True)
 class PFedHNOptions:
-    personal_head: bool = False  # pFedHN-PC
+    """pFedHN's options.
+
+    Attributes:
+        personal_head: pFedHN-PC: the classifier head stays on the client, the hypernetwork
+            generates the rest.
+        head_prefix: the head: target tensors whose names start with this.
+    """
+
+    personal_head: bool = False
     head_prefix: str = "head."
 
 

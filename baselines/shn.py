@@ -17,7 +17,18 @@ from shn.seeding import seeded_init
 
 @dataclass(frozen=True)
 class SHNOptions:
-    key_layers: tuple[str, ...] = ()  # e.g. ["head.weight", "head.bias"]; empty = no aggregation
+    """SHN's optional attentive key-layer stage after the heads.
+
+    Attributes:
+        key_layers: target tensors mixed with the graph neighbours', e.g. ["head.weight",
+            "head.bias"]; empty: no aggregation stage.
+        attention_dim: width of the attention's query / key projections.
+        temperature: attention temperature τ (larger: flatter).
+        mix: initial share m of the neighbours' mix in a client's key layers, in [0, 1].
+        learn_mix: train m (through a logit) with the hypernetwork.
+    """
+
+    key_layers: tuple[str, ...] = ()
     attention_dim: int = 16
     temperature: float = 1.0
     mix: float = 0.5

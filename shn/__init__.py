@@ -31,7 +31,8 @@ from shn.graph import (
     threshold_graph,
 )
 from shn.federated.algorithm import Algorithm, GlobalModelAlgorithm, HyperNetworkAlgorithm
-from shn.federated.local import ClientStore, LocalTrainer
+from shn.federated.client_method import ClientFit, ClientMethod, ClientRound, proximal_penalty
+from shn.federated.local import ClientStore, LocalObjective, LocalTrainer
 from shn.federated.simulation import Simulation
 from shn.methods import MethodContext, available_methods, register_encoder, register_method
 from tasks.base import ClientData, Task
@@ -46,7 +47,10 @@ __version__ = "0.1.0"
 __all__ = [
     "Algorithm",
     "ClientData",
+    "ClientFit",
     "ClientGraph",
+    "ClientMethod",
+    "ClientRound",
     "ClientStore",
     "ConfigError",
     "Encoder",
@@ -58,6 +62,7 @@ __all__ = [
     "HyperNetworkConfig",
     "LearnedGraph",
     "LocalConfig",
+    "LocalObjective",
     "LocalTrainer",
     "MethodContext",
     "RunConfig",
@@ -77,6 +82,7 @@ __all__ = [
     "knn_graph",
     "load_config",
     "load_run",
+    "proximal_penalty",
     "register_encoder",
     "register_method",
     "register_task",

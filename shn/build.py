@@ -18,6 +18,7 @@ import torch
 from shn.config import ConfigError, RunConfig, config_to_dict, dumps_toml
 from shn.federated.algorithm import Algorithm
 from shn.federated.client import ClientRuntime, PersonalStore
+from shn.federated.client_method import ClientMethod
 from shn.federated.local import ClientStore, LocalTrainer
 from shn.federated.attacks import ClientAttack
 from shn.federated.records import atomic_write_text, mean_over_clients
@@ -145,10 +146,25 @@ def build(config: RunConfig, *, task: Task | None = None, graph: Any = None,
     trainer = LocalTrainer(template, task.loss, config.local, templates=templates)
     attack = ClientAttack.from_config(config.attack, config.seed, task.num_clients)
     store = _client_store(task, store_clients, device, attack, config.seed)
-    runtime = ClientRuntime(task, trainer, store, PersonalStore(algorithm.initial_personal(), per_client=per_client))
+    client = _client_method(ctx, config.method)
+    personal = PersonalStore(algorithm.initial_personal(), per_client=per_client, state=client.initial_state(ctx.initial))
+    runtime = ClientRuntime(task, trainer, store, personal, method=client)
     runtime.attack = attack
     _faults_and_attack_reports(ctx, attack)
     return Built(config, task, ctx, algorithm, runtime)
+
+
+def _client_method(ctx: MethodContext, method: str) -> ClientMethod:
+    """The method's client side (``ctx.client``, set by its factory), checked: a ClientMethod
+    whose personal state does not shadow a target tensor."""
+    client = ctx.client if ctx.client is not None else ClientMethod()
+    if not isinstance(client, ClientMethod):
+        raise TypeError(f"method {method!r} set ctx.client to {type(client).__name__}, expected a "
+                        "shn.federated.client_method.ClientMethod")
+    clash = sorted(set(client.initial_state(ctx.initial)) & set(ctx.spec.names))
+    if clash:
+        raise ValueError(f"method {method!r}: its client state names {clash[:3]} are target tensor names; prefix them")
+    return client
 
 
 def _client_store(task: Task, clients: Sequence[int] | None, device: torch.device, attack: ClientAttack | None,

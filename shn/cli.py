@@ -2,15 +2,18 @@
 
     shn run CONFIG [--set KEY=VALUE]... [--out DIR] [--resume | --force]
     shn pipeline CONFIG [...]         three-stage SHN: pFedHN → graph from embeddings → SHN
-    shn sweep CONFIG --trials N --storage URL [--workers W] [--study NAME]
+    shn sweep CONFIG --trials N --storage URL [--workers W] [--study NAME]   N more trials
     shn suite SUITE.toml [--jobs N]   every (method, task, seed) of a comparison, resumable
     shn compare SUITE_OUT... [--reference pfedhn]   paired Δ over seeds with 95 % CIs and verdicts
     shn report RUN_DIR... [--out DIR] tables and plots from recorded metrics
     shn inspect CONFIG [--set KEY=VALUE]... [--json]   load the task: clients, split sizes, inputs, graph degree
+    shn config [--defaults | CONFIG] [--markdown]   every config key: type, default, meaning (or CONFIG's values)
     shn flower simulate CONFIG [--supernodes N] [--set KEY=VALUE]...   the Flower engine (README: Running across machines with Flower)
 
 ``shn --threads N <command>`` caps torch's CPU threads (several experiments side by side: N=1
-each; oversubscribed cores make torch several times slower).
+each; oversubscribed cores make torch several times slower). ``shn --plugin MODULE <command>``
+(repeatable) imports a module that registers methods, tasks or encoders first; installed
+``shn.plugins`` entry points are always loaded (:mod:`shn.plugins`).
 
 User errors (bad config, missing or malformed file, an unsafe or foreign checkpoint, a full disk,
 a run directory in use by another process, holding a run that would be replaced, or resumed with
@@ -119,12 +122,33 @@ def _cmd_inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def _cmd_config(args: argparse.Namespace) -> int:
+    from shn.config_reference import format_markdown, format_text, reference
+
+    if args.config is not None and args.defaults:
+        raise UserError("shn config: give either --defaults or a CONFIG, not both")
+    config = None
+    if args.config is not None:
+        from shn.config import load_config
+
+        config = load_config(args.config, args.overrides)
+    elif args.overrides:
+        raise UserError("shn config: --set needs a CONFIG")
+    sections = reference(config, builtin_only=args.builtin_only)
+    print(format_markdown(sections) if args.markdown else format_text(sections))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="shn", description="Personalized FL with sheaf hypernetworks")
     parser.add_argument("-v", "--verbose", action="store_true", help="log at INFO level")
     parser.add_argument("--threads", type=int, default=None, metavar="N",
                         help="torch CPU threads (default: torch's, all cores); use 1 per process "
                              "when running several experiments side by side")
+    parser.add_argument("--plugin", dest="plugins", action="append", default=[], metavar="MODULE",
+                        help="import MODULE (a module name, or a .py file) before the command, so the methods, "
+                             "tasks and encoders it registers can be used; repeatable. Installed packages' "
+                             "'shn.plugins' entry points are loaded too")
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("run", help="run one experiment from a TOML config")
     _add_run_args(p)
@@ -134,7 +158,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=lambda a: _cmd_run(a, pipeline=True))
     p = sub.add_parser("sweep", help="optuna hyperparameter sweep over the config's [sweep] table")
     p.add_argument("config")
-    p.add_argument("--trials", type=int, default=20)
+    p.add_argument("--trials", type=int, default=20, metavar="N",
+                   help="trials to ADD to the study (default 20): on a resumed study, N more; 0 runs none and "
+                        "only rewrites trials.csv and best.toml")
     p.add_argument("--storage", default=None, help="sqlite:///file.db or a journal file path (default: in the out dir)")
     p.add_argument("--workers", type=int, default=1, help="worker processes sharing the study")
     p.add_argument("--study", default=None, help="study name (default: the config's stem)")
@@ -157,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="worker processes (one torch thread each), one (entry, seed) group of runs at a time each")
     p.add_argument("--no-progress", action="store_true")
     p.set_defaults(func=_cmd_suite)
-    p = sub.add_parser("compare", help="paired comparison over seeds: mean ± std, Δ to a reference with 95 % CI, verdict")
+    p = sub.add_parser("compare", help="paired comparison over seeds: mean ± std, Δ to a reference with 95 %% CI, verdict")
     p.add_argument("roots", nargs="+", help="folders of <setting>/<method>/seed<s>/ runs (a suite's out)")
     p.add_argument("--reference", default="pfedhn", help="the method every other is paired with (default pfedhn)")
     p.add_argument("--metric", default=None, help="test metric (default: the runs' primary metric)")
@@ -174,6 +200,16 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--json", action="store_true", help="print the description as JSON")
     p.set_defaults(func=_cmd_inspect)
+    p = sub.add_parser("config", help="every config key with its type, default and meaning (--defaults), or the "
+                                      "values a CONFIG resolves to")
+    p.add_argument("config", nargs="?", default=None, help="a TOML config: list its task's and method's keys with "
+                                                         "the values it resolves to")
+    p.add_argument("--defaults", action="store_true", help="every table, every task and method, with defaults "
+                                                          "(the default without CONFIG)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--markdown", action="store_true", help="a markdown page (docs/config.md is this for the built-ins)")
+    p.add_argument("--builtin-only", action="store_true", help="leave out plugins' tasks and methods")
+    p.set_defaults(func=_cmd_config)
     from shn.flower import add_flower_parser
 
     add_flower_parser(sub)
@@ -200,6 +236,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     from shn.runner import torch_threads
 
     try:
+        from shn.plugins import load_plugins
+
+        load_plugins(args.plugins)
         with torch_threads(args.threads):  # restored after: main() also runs in-process (tests)
             return int(args.func(args) or 0)
     except (ConfigError, DataError, CheckpointError, WriteError, RunDirError, UserError, FileNotFoundError) as e:

@@ -19,11 +19,9 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from shn.config_files import ConfigError, read_config, read_toml
+from shn.config_toml import config_to_dict, dumps_toml
 from shn.registry import METHODS, TASKS
-
-
-class ConfigError(ValueError):
-    """A bad configuration: the message names the key and what was expected."""
 
 
 # --------------------------------------------------------------------------------------------
@@ -31,7 +29,20 @@ class ConfigError(ValueError):
 
 @dataclass(frozen=True)
 class LocalConfig:
-    """Client-side training (pFedHN defaults, METHOD §3.1)."""
+    """Client-side training (pFedHN defaults, METHOD §3.1).
+
+    Attributes:
+        steps: local SGD steps per client and round (one minibatch each).
+        lr: local learning rate.
+        momentum: local SGD momentum.
+        weight_decay: local L2 weight decay.
+        batch_size: minibatch size (sampled with replacement from the client's train split).
+        grad_clip: per-client gradient-norm clipping at every step; 0 disables.
+        mode: how clients train: "vmap" (one batched call per step for all clients), "loop"
+            (one client at a time), or "auto": a documented rule (loop for convolutional
+            targets on CPU, vmap otherwise), chosen by rule rather than by timing so that the
+            same config always takes the same path.
+    """
 
     steps: int = 50
     lr: float = 5e-3
@@ -39,8 +50,6 @@ class LocalConfig:
     weight_decay: float = 5e-5
     batch_size: int = 64
     grad_clip: float = 50.0
-    # "auto": a documented rule (loop for convolutional targets on CPU, vmap otherwise), chosen
-    # by rule rather than by timing so that the same config always takes the same path.
     mode: Literal["auto", "vmap", "loop"] = "auto"
 
     def __post_init__(self) -> None:
@@ -50,19 +59,34 @@ class LocalConfig:
 
 @dataclass(frozen=True)
 class ServerConfig:
-    """The server optimiser (hypernetwork parameters, or FedOpt's global model)."""
+    """The server optimiser of the hypernetwork methods (FedAvg-family methods take theirs from
+    ``[methods.<name>]``).
+
+    Attributes:
+        optimizer: "sgd" or "adam" over the hypernetwork's parameters.
+        lr: server learning rate.
+        momentum: SGD momentum.
+        nesterov: Nesterov momentum (needs momentum > 0).
+        weight_decay: L2 weight decay of the hypernetwork (not of the client embeddings).
+        embed_lr: the client embeddings' own learning rate; None: lr.
+        embed_weight_decay: weight decay of the client embeddings (pFedHN: none).
+        delta_reduction: "sum" of the clients' vector-Jacobian products (pFedHN's per-client
+            step semantics) or "mean" (divided by the round's client count: the behaviour
+            before a fix, kept to reproduce old results).
+        grad_clip: gradient-norm clipping of a server step (times the client count with "sum");
+            0 disables.
+        betas: Adam's (beta1, beta2).
+    """
 
     optimizer: Literal["sgd", "adam"] = "sgd"
     lr: float = 1e-2
     momentum: float = 0.9
     nesterov: bool = False
     weight_decay: float = 1e-3
-    embed_lr: float | None = None  # client embeddings' own lr; None = lr
-    embed_weight_decay: float = 0.0  # pFedHN: no weight decay on the client embeddings
-    # hypernetwork methods: "sum" of the clients' VJPs (pFedHN's per-client step semantics) or
-    # "mean" (divided by the round's client count: the pre-fix behaviour, for old results)
+    embed_lr: float | None = None
+    embed_weight_decay: float = 0.0
     delta_reduction: Literal["sum", "mean"] = "sum"
-    grad_clip: float = 50.0  # 0 disables
+    grad_clip: float = 50.0
     betas: tuple[float, float] = (0.9, 0.999)
 
     def __post_init__(self) -> None:
@@ -75,14 +99,22 @@ class ServerConfig:
 
 @dataclass(frozen=True)
 class HyperNetworkConfig:
-    """Embeddings → encoder → MLP trunk → one linear head per target tensor (pFedHN)."""
+    """Embeddings → encoder → MLP trunk → one linear head per target tensor (pFedHN).
 
-    embed_dim: int | None = None  # None: 1 + N/4 as in pFedHN
+    Attributes:
+        embed_dim: width of the client embeddings; None: 1 + N/4 for N clients, as in pFedHN.
+        hidden: width of the MLP trunk.
+        n_hidden: hidden layers of the MLP trunk.
+        spectral_norm: spectral normalisation of the trunk's linear layers.
+        graph_branch: graph methods: the trunk reads the encoder output ("replace", the SHN
+            paper) or the embedding plus a zero-initialised projection of it ("residual":
+            starts as pFedHN).
+    """
+
+    embed_dim: int | None = None
     hidden: int = 100
     n_hidden: int = 3
     spectral_norm: bool = False
-    # graph methods: the trunk reads the encoder output ("replace", the SHN paper) or the
-    # embedding plus a zero-initialised projection of it ("residual": starts as pFedHN)
     graph_branch: Literal["replace", "residual"] = "replace"
 
     def __post_init__(self) -> None:
@@ -94,20 +126,38 @@ class HyperNetworkConfig:
 
 @dataclass(frozen=True)
 class EncoderConfig:
-    """Graph encoder between the embeddings and the heads (SHN: sheaf diffusion; GHN: GCN)."""
+    """Graph encoder between the embeddings and the heads (SHN: sheaf diffusion; GHN: GCN).
 
-    # None: the method's defining encoder (identity / gcn / sheaf); or any registered encoder
+    Attributes:
+        kind: the encoder; None: the method's defining one (pFedHN identity, GHN/Panacea gcn,
+            SHN sheaf), or any registered encoder name.
+        layers: diffusion / GCN layers (the depth L).
+        stalk_dim: sheaf stalk dimension d.
+        hidden_channels: channels per stalk dimension (sheaf diffusion width = d × this).
+        sheaf_type: restriction maps: "diag" (diagonal), "orth" (orthogonal, Householder) or
+            "general".
+        sheaf_act: activation of the learned map entries ("diag", "general") or of the
+            Householder parameters ("orth"), as neural sheaf diffusion: "tanh", "elu" or "id".
+        normalised: use the normalised sheaf Laplacian.
+        nonlinear: a non-linearity in each diffusion layer.
+        edge_weights: learn edge weights in the sheaf Laplacian; None: the neural sheaf
+            diffusion default (on for "orth").
+        dropout: dropout inside the encoder (train mode only, seeded).
+        gcn_hidden: width of the plain GCN stack (kind "gcn_stack"); None: stalk_dim ×
+            hidden_channels (the same width as SHN).
+    """
+
     kind: str | None = None
     layers: int = 2
     stalk_dim: int = 3
     hidden_channels: int = 16
     sheaf_type: Literal["diag", "orth", "general"] = "diag"
-    sheaf_act: Literal["tanh", "elu", "id"] = "tanh"  # on the learned map entries / Householder parameters (NSD)
+    sheaf_act: Literal["tanh", "elu", "id"] = "tanh"
     normalised: bool = True
     nonlinear: bool = True
-    edge_weights: bool | None = None  # None: NSD default (on for orth)
+    edge_weights: bool | None = None
     dropout: float = 0.0
-    gcn_hidden: int | None = None  # None: stalk_dim * hidden_channels (same width as SHN)
+    gcn_hidden: int | None = None
 
     def __post_init__(self) -> None:
         _non_negative(self, "layers")
@@ -118,26 +168,41 @@ class EncoderConfig:
 
 @dataclass(frozen=True)
 class GraphConfig:
-    """The client-relation graph. ``given`` takes the task's own graph (e.g. road sensors) or
-    ``path``; ``knn``/``threshold`` are built from stage-1 embeddings by ``shn pipeline``."""
+    """The client-relation graph of the graph methods (SHN, GHN, Panacea).
+
+    Attributes:
+        kind: "given" (the task's own graph, e.g. road sensors, or ``path``), "complete", or
+            inferred from stage-1 pFedHN embeddings by the three-stage pipeline: "knn",
+            "threshold" or "learned" (edge weights trained over kNN candidates).
+        k: neighbours per client of the kNN graph.
+        tau: similarity threshold of the "threshold" graph.
+        metric: similarity of the embeddings: "cosine" or "euclidean".
+        path: a graph file for any task (ClientGraph JSON, or a dense N × N matrix as .csv /
+            .npy), in the client order of ``shn inspect``; relative to the working directory.
+        candidate_k: "learned": candidate edges = kNN with this k over the stage-1 embeddings
+            (0 = complete).
+        stage1_rounds: the stage-1 (pFedHN) budget of the three-stage pipeline; None: the run's
+            rounds.
+        stage1_cache: a folder where stage-1 results are cached by a hash of everything stage 1
+            depends on, so graph methods with the same seed and budget train pFedHN once; None:
+            no caching.
+        stage3_init: stage 3 starts from the stage-1 "embeddings" only (fresh trunk and heads)
+            or from the "full" stage-1 hypernetwork (needs hypernetwork.graph_branch =
+            "residual").
+        rewire_homophily: heterophily studies: rewire the graph toward this edge homophily
+            (w.r.t. the task's client label sets, else groups) before training, keeping the edge
+            count; None: no rewiring.
+    """
 
     kind: Literal["given", "knn", "threshold", "complete", "learned"] = "knn"
     k: int = 5
     tau: float = 0.5
     metric: Literal["cosine", "euclidean"] = "cosine"
     path: str | None = None
-    # learned: candidate edges = kNN with this k over the stage-1 embeddings (0 = complete)
     candidate_k: int = 10
-    # stage 1 (pFedHN) budget of the three-stage pipeline; None = the run's ``rounds``
     stage1_rounds: int | None = None
-    # a folder where stage-1 results are cached by a hash of everything stage 1 depends on, so
-    # graph methods with the same seed and budget train pFedHN once (None: no caching)
     stage1_cache: str | None = None
-    # stage 3 starts from the stage-1 "embeddings" only (fresh trunk and heads), or from the
-    # "full" stage-1 hypernetwork (needs hypernetwork.graph_branch = "residual")
     stage3_init: Literal["embeddings", "full"] = "embeddings"
-    # heterophily studies: rewire the graph toward this edge homophily (w.r.t. the task's client
-    # label sets, else groups) before training, keeping the edge count; None = no rewiring
     rewire_homophily: float | None = None
 
     def __post_init__(self) -> None:
@@ -153,11 +218,18 @@ class NovelConfig:
     out of training (sampling pool and graph edges); after training each gets a new embedding
     fitted with the hypernetwork frozen (``steps`` server steps, each after a local training
     run with ``[local]``), is attached to the graph by kNN (``graph.k``) on that embedding every
-    ``reattach_every`` steps, and is evaluated on its test split (``novel_test_*``)."""
+    ``reattach_every`` steps, and is evaluated on its test split (``novel_test_*``).
+
+    Attributes:
+        fraction: share of the clients held out of training as novel clients (0: none).
+        steps: server steps fitting each novel client's embedding.
+        lr: learning rate of that fit; None: server.embed_lr (or server.lr).
+        reattach_every: steps between re-attaching a novel client to the graph by kNN.
+    """
 
     fraction: float = 0.0
     steps: int = 50
-    lr: float | None = None  # None: server.embed_lr (or server.lr)
+    lr: float | None = None
     reattach_every: int = 10
 
     def __post_init__(self) -> None:
@@ -171,11 +243,17 @@ class NovelConfig:
 
 @dataclass(frozen=True)
 class ValidationConfig:
-    """Client-update checks done before any server update."""
+    """Client-update checks done before any server update.
 
-    max_norm: float = 1e4  # reject a delta whose L2 norm is above this
-    clip_norm: float = 0.0  # hypernetwork methods: scale deltas down to this norm (0 = off)
-    # the largest example count a client may claim (FedAvg weights by it): a larger claim is rejected
+    Attributes:
+        max_norm: reject a client's delta whose L2 norm is above this.
+        clip_norm: hypernetwork methods: scale deltas down to this norm; 0: off.
+        max_examples: the largest example count a client may claim (FedAvg weights by it); a
+            larger claim is rejected.
+    """
+
+    max_norm: float = 1e4
+    clip_norm: float = 0.0
     max_examples: int = 10**9
 
     def __post_init__(self) -> None:
@@ -190,7 +268,14 @@ class AttackConfig:
     a plain sign flip), ``random`` sends Gaussian noise of std ``noise_std`` per coordinate instead
     of its update, ``label_flip`` trains honestly on permuted labels (a seeded derangement of the
     classes, train split only). The summary then reports ``honest_test_*`` and
-    ``malicious_clients``."""
+    ``malicious_clients``.
+
+    Attributes:
+        kind: the attack: "none", "scale", "sign_flip", "random" or "label_flip".
+        fraction: share of the clients that are malicious (chosen from the run seed).
+        scale: "scale" / "sign_flip": the factor applied to the malicious clients' deltas.
+        noise_std: "random": standard deviation of the noise sent instead of an update.
+    """
 
     kind: Literal["none", "scale", "sign_flip", "random", "label_flip"] = "none"
     fraction: float = 0.0
@@ -208,7 +293,11 @@ class AttackConfig:
 class FaultConfig:
     """Injected client faults: each sampled client fails (sends nothing) with probability
     ``dropout`` in each round, drawn from the run seed; failures are counted in
-    ``failed_clients``."""
+    ``failed_clients``.
+
+    Attributes:
+        dropout: probability that a sampled client fails in a round, in [0, 1).
+    """
 
     dropout: float = 0.0
 
@@ -219,7 +308,13 @@ class FaultConfig:
 
 @dataclass(frozen=True)
 class TaskConfig:
-    """``name`` picks a registered task; the remaining keys are that task's own options."""
+    """``name`` picks a registered task; the remaining keys are that task's own options.
+
+    Attributes:
+        name: the task (a registered name: digits, mnist, cifar10, cifar100, traffic, weather,
+            tabular, timeseries, or a plugin's).
+        options: the task's own options (the other keys of the [task] table).
+    """
 
     name: str = "digits"
     options: Any = None
@@ -230,12 +325,39 @@ class TaskConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
+    """One run: the top level of a TOML config, and its tables.
+
+    Attributes:
+        method: the federated method (a registered name: pfedhn, shn, ghn, panacea, fedavg,
+            fedprox, ditto, fedper, fedrep, local, decoupled, attentive, or a plugin's).
+        seed: the run seed; every random choice (data split, initialisation, client sampling,
+            minibatches) derives from it.
+        rounds: federated rounds.
+        clients_per_round: clients sampled per round.
+        eval_every: rounds between evaluations of every client on val and test (and after the
+            last round).
+        checkpoint_every: rounds between checkpoints; 0: only at the end.
+        device: torch device: "cpu", "cuda", "cuda:N" or "mps".
+        task: the [task] table: ``name`` and that task's options.
+        local: the [local] table: client-side training.
+        server: the [server] table: the hypernetwork methods' server optimiser.
+        hypernetwork: the [hypernetwork] table.
+        encoder: the [encoder] table: the graph encoder.
+        graph: the [graph] table: the client-relation graph.
+        validation: the [validation] table: checks on client updates.
+        attack: the [attack] table: simulated malicious clients.
+        faults: the [faults] table: injected client failures.
+        novel: the [novel] table: novel-client generalisation.
+        methods: per-method options, [methods.<name>] tables (only the active method's are used).
+        sweep: the optuna search space of ``shn sweep``: parameter path → distribution table.
+    """
+
     method: str = "pfedhn"
     seed: int = 0
     rounds: int = 100
     clients_per_round: int = 5
     eval_every: int = 25
-    checkpoint_every: int = 0  # 0: only at the end
+    checkpoint_every: int = 0
     device: str = "cpu"
     task: TaskConfig = field(default_factory=TaskConfig)
     local: LocalConfig = field(default_factory=LocalConfig)
@@ -247,9 +369,7 @@ class RunConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     novel: NovelConfig = field(default_factory=NovelConfig)
-    # per-method options, keyed by method name (only the active method's are used)
     methods: Mapping[str, Any] = field(default_factory=dict)
-    # the optuna search space: parameter path → distribution table (used by `shn sweep`)
     sweep: Mapping[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -273,56 +393,6 @@ def load_config(path: str | Path, overrides: list[str] | tuple[str, ...] = ()) -
     ``KEY=VALUE`` overrides (as ``shn run --set``). Raises ``ConfigError`` naming the key or file
     on any problem."""
     return config_from_dict(apply_overrides(read_config(path), overrides))
-
-
-def read_config(path: str | Path) -> dict[str, Any]:
-    """A config file as a dict with its inheritance resolved: ``base = "other.toml"`` (a path
-    relative to the file that names it) is read first, recursively; this file's keys override
-    it, tables merged key by key (any other value, lists included, replaces); ``base`` itself is
-    dropped. A missing base file or a cycle of bases raises ``ConfigError`` naming the files."""
-    return _with_bases(Path(path), ())
-
-
-def _with_bases(path: Path, chain: tuple[Path, ...]) -> dict[str, Any]:
-    data = read_toml(path)
-    if "base" not in data:
-        return data
-    base = data.pop("base")
-    if not isinstance(base, str) or not base.strip():
-        raise ConfigError(f"{path}: base: expected the path of another TOML config (relative to this file), got {base!r}")
-    base_path = path.parent / base
-    chain = chain + (path,)
-    if base_path.resolve() in {p.resolve() for p in chain}:
-        raise ConfigError("config base cycle: " + " -> ".join(str(p) for p in chain + (base_path,)))
-    if not base_path.is_file():
-        raise ConfigError(f"{path}: base {base!r} not found (looked for {base_path})")
-    return _merged(_with_bases(base_path, chain), data)
-
-
-def _merged(base: Mapping[str, Any], over: Mapping[str, Any]) -> dict[str, Any]:
-    """``over`` on top of ``base``: where both hold a table, merged recursively; else ``over`` wins."""
-    out = dict(base)
-    for key, value in over.items():
-        both_tables = isinstance(value, Mapping) and isinstance(out.get(key), Mapping)
-        out[key] = _merged(out[key], value) if both_tables else value
-    return out
-
-
-def read_toml(path: str | Path, what: str = "config", error: type[ConfigError] = ConfigError) -> dict[str, Any]:
-    """A TOML file as a dict; a missing or malformed file raises ``error`` naming it."""
-    path = Path(path)
-    if not path.is_file():
-        raise error(f"{path}: {what} file not found")
-    raw = path.read_bytes()
-    try:
-        text = raw.decode("utf-8")  # TOML is UTF-8, whatever the locale
-    except UnicodeDecodeError as e:
-        raise error(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} at offset {e.start}); "
-                    "TOML files must be saved as UTF-8") from None
-    try:
-        return tomllib.loads(text)
-    except tomllib.TOMLDecodeError as e:
-        raise error(f"{path}: not valid TOML ({e})") from None
 
 
 def apply_overrides(data: dict, overrides: list[str] | tuple[str, ...]) -> dict:
@@ -467,88 +537,6 @@ def _coerce(value: Any, hint: Any, key: str) -> Any:
     return value
 
 
-# --------------------------------------------------------------------------------------------
-# writing back (the run directory's resolved config.toml)
-
-def config_to_dict(cfg: RunConfig) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for f in fields(cfg):
-        value = getattr(cfg, f.name)
-        if f.name == "task":
-            table = {"name": value.name}
-            if value.options is not None:
-                table.update(_plain(value.options))
-            out["task"] = table
-        elif f.name == "methods":
-            if value:
-                out["methods"] = {k: _plain(v) for k, v in value.items()}
-        elif f.name == "sweep":
-            if value:
-                out["sweep"] = dict(value)
-        else:
-            out[f.name] = _plain(value)
-    return out
-
-
-def _plain(value: Any) -> Any:
-    if is_dataclass(value):
-        return {f.name: _plain(getattr(value, f.name)) for f in fields(value) if getattr(value, f.name) is not None}
-    if isinstance(value, (tuple, list)):
-        return [_plain(v) for v in value]
-    if isinstance(value, Mapping):
-        return {k: _plain(v) for k, v in value.items() if v is not None}
-    return value
-
-
-def dumps_toml(data: Mapping[str, Any]) -> str:
-    """A minimal TOML writer for config dicts (scalars, lists, nested tables)."""
-    lines: list[str] = []
-
-    def scalar(v: Any) -> str:
-        if isinstance(v, bool):
-            return "true" if v else "false"
-        if isinstance(v, (int, float)):
-            return repr(v)
-        if isinstance(v, str):
-            return _toml_string(v)
-        if isinstance(v, (list, tuple)):
-            return "[" + ", ".join(scalar(x) for x in v) + "]"
-        if isinstance(v, Mapping):
-            return "{ " + ", ".join(f"{_key(k)} = {scalar(x)}" for k, x in v.items()) + " }"
-        raise TypeError(f"cannot write {v!r} to TOML")
-
-    def table(prefix: str, d: Mapping[str, Any]) -> None:
-        simple = {k: v for k, v in d.items() if not isinstance(v, Mapping)}
-        nested = {k: v for k, v in d.items() if isinstance(v, Mapping)}
-        if prefix and (simple or not nested):
-            lines.append(f"\n[{prefix}]")
-        for k, v in simple.items():
-            lines.append(f"{_key(k)} = {scalar(v)}")
-        for k, v in nested.items():
-            table(f"{prefix}.{_key(k)}" if prefix else _key(k), v)
-
-    table("", data)
-    return "\n".join(lines).lstrip("\n") + "\n"
-
-
-def _key(k: str) -> str:
-    bare = k.replace("_", "").replace("-", "")
-    return k if bare.isascii() and bare.isalnum() else _toml_string(k)
-
-
-def _toml_string(v: str) -> str:
-    """A TOML basic string: quote, backslash and control characters (but tab) escaped."""
-    out = []
-    for ch in v:
-        if ch in '"\\':
-            out.append("\\" + ch)
-        elif (ord(ch) < 0x20 and ch != "\t") or ord(ch) == 0x7F:
-            out.append(f"\\u{ord(ch):04x}")
-        else:
-            out.append(ch)
-    return '"' + "".join(out) + '"'
-
-
 def _deepcopy(d: Any) -> Any:
     if isinstance(d, dict):
         return {k: _deepcopy(v) for k, v in d.items()}
@@ -570,22 +558,7 @@ def _non_negative(obj: Any, *names: str) -> None:
 
 
 __all__ = [
-    "AttackConfig",
-    "ConfigError",
-    "EncoderConfig",
-    "FaultConfig",
-    "GraphConfig",
-    "HyperNetworkConfig",
-    "LocalConfig",
-    "NovelConfig",
-    "RunConfig",
-    "ServerConfig",
-    "TaskConfig",
-    "ValidationConfig",
-    "apply_overrides",
-    "config_from_dict",
-    "config_to_dict",
-    "dumps_toml",
-    "load_config",
-    "read_config",
+    "AttackConfig", "ConfigError", "EncoderConfig", "FaultConfig", "GraphConfig", "HyperNetworkConfig",
+    "LocalConfig", "NovelConfig", "RunConfig", "ServerConfig", "TaskConfig", "ValidationConfig",
+    "apply_overrides", "config_from_dict", "config_to_dict", "dumps_toml", "load_config", "read_config",
 ]

@@ -3,6 +3,8 @@
 A method is registered with ``@register_method(name, OptionsDataclass)`` on a factory
 ``factory(ctx: MethodContext) -> Algorithm``. Everything a method may need (task, target
 template and spec, seeded initial weights, client graph, device, config) comes from ``ctx``.
+The factory returns the server side; a method whose clients do more than plain local training
+also sets ``ctx.client`` to its :class:`~shn.federated.client_method.ClientMethod`.
 """
 
 from __future__ import annotations
@@ -42,6 +44,8 @@ class MethodContext:
     held_out: tuple[int, ...] = ()
     # per-client architectures when the task's clients differ (e.g. input sizes); None otherwise
     client_templates: dict[int, nn.Module] | None = None
+    # the method's client side (shn.federated.client_method); None: plain local training
+    client: Any = None
     extras: dict[str, Any] = field(default_factory=dict)
 
     @property

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from shn.build import _held_out, build, execute, make_task
-from shn.config import RunConfig, load_config
+from shn.config import ConfigError, RunConfig, load_config
 from shn.federated.records import atomic_write_text, dumps_json
 from shn.federated.simulation import write_summary
 from shn.hypernetwork import embedding_drift, initial_embeddings
@@ -38,7 +38,7 @@ from shn.run_graph import (
 from shn.rundir import RunDirError, check_run_dir, clear_run, locked
 from tasks.base import Task
 
-__all__ = ["client_info", "describe_graph", "given_task_graph", "infer_graph", "publish_stage1", "resolve_graph",
+__all__ = ["check_graph_method", "client_info", "describe_graph", "given_task_graph", "infer_graph", "publish_stage1", "resolve_graph",
            "rewire_graph", "run_pipeline", "stage1_config", "without_clients"]
 
 log = logging.getLogger("shn.pipeline")
@@ -51,6 +51,7 @@ def run_pipeline(config: RunConfig, *, task: Task | None = None, run_dir: str | 
     ``stage1_metrics``). Every stage writes its own sub-directory of ``run_dir``, which is locked
     for the whole pipeline and checked first (:mod:`shn.rundir`): a finished pipeline is not run
     again without ``resume`` or ``overwrite``, nor resumed with another config."""
+    check_graph_method(config)
     task = task if task is not None else make_task(config)
     root = Path(run_dir) if run_dir is not None else None
     with contextlib.ExitStack() as stack:
@@ -194,6 +195,18 @@ def _read_stage1_cache(cached: Path, device: str, full: bool):
         raise CheckpointError(f"{cached / 'embeddings.pt'}: not a stage-1 embedding matrix; delete {cached} to "
                               "recompute it")
     return embeddings, summary, load("hypernetwork.pt") if full else None
+
+
+def check_graph_method(config: RunConfig) -> None:
+    """Stage 3 must be a method that uses the client graph; anything else would silently train
+    pFedHN, a graph nobody uses, and then the method itself (e.g. pFedHN twice)."""
+    from shn.registry import METHODS
+
+    if not METHODS.get(config.method).meta.get("needs_graph"):
+        graph_methods = [m for m in METHODS.names() if METHODS.get(m).meta.get("needs_graph")]
+        raise ConfigError(f"method: {config.method!r} uses no client graph, so the three-stage pipeline "
+                          f"(pFedHN → graph → graph method) does not apply; use `shn run` for it, or a graph "
+                          f"method ({', '.join(graph_methods)}), e.g. --set method=shn")
 
 
 def stage1_config(config: RunConfig) -> RunConfig:

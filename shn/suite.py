@@ -26,8 +26,13 @@ directory (run from the repository root).
 Everything is validated before anything runs: unknown keys, missing config files, unknown
 method names (with the registered ones listed) and every run's resolved config; ``--only`` (a
 substring of ``<name>/<variant>``) selects runs first, so a suite naming a method that does not
-exist yet can still run its other parts. Runs whose ``summary.json`` exists are skipped; a run
-killed midway continues from its last checkpoint (``resume=True``; set ``checkpoint_every``).
+exist yet can still run its other parts. A run whose ``summary.json`` exists is skipped when its
+recorded ``config.toml`` resolves to the config the suite would run now; when training-relevant
+keys differ (anything but ``device`` and ``checkpoint_every``; keys an older run lacks count as
+their defaults), the old directory is moved aside to ``<dir>.stale-<n>``, the keys are logged
+(and in ``suite_log.jsonl``), and the run starts again in ``<dir>`` — results never silently mix
+configs. A run killed midway continues from its last checkpoint (``resume=True``; set
+``checkpoint_every``), under the same check.
 An error in one run is logged (``<run dir>/error.log``, ``<out>/suite_log.jsonl``) and the suite
 goes on; ``shn suite`` exits non-zero at the end if any run failed. Graph methods with an inferred
 graph go through the three-stage pipeline (``shn.runner.run`` does that).
@@ -87,9 +92,11 @@ class SuiteResult:
     done: list[Job] = field(default_factory=list)
     skipped: list[Job] = field(default_factory=list)
     failed: list[tuple[Job, str]] = field(default_factory=list)
+    stale: list[tuple[Job, list[str]]] = field(default_factory=list)  # rerun: their recorded config differed
 
     def as_dict(self) -> dict[str, Any]:
         return {"runs": len(self.jobs), "done": len(self.done), "skipped": len(self.skipped),
+                "stale_rerun": [{"run": j.label, "changed": keys} for j, keys in self.stale],
                 "failed": [{"run": j.label, "error": e} for j, e in self.failed]}
 
 
@@ -282,17 +289,20 @@ def _exit_with_parent(parent: int) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
-def _worker(suite_path: str, out: str | None, labels: list[str], extra: tuple[str, ...]) -> dict[str, Any]:
+def _worker(suite_path: str, out: str | None, labels: list[str], extra: tuple[str, ...],
+            plugins: list[dict[str, Any]]) -> dict[str, Any]:
     import torch
 
     torch.set_num_threads(1)
-    import shn  # noqa: F401
+    from shn.plugins import load_specs
+
+    load_specs(plugins)  # the built-ins, and the parent's plugins (spawned: nothing is inherited)
 
     jobs, root = load_suite(suite_path, out, extra)
     wanted = set(labels)
     result = _run_jobs([j for j in jobs if j.label in wanted], root, progress=False)
     return {"done": [j.label for j in result.done], "skipped": [j.label for j in result.skipped],
-            "failed": [(j.label, e) for j, e in result.failed]}
+            "failed": [(j.label, e) for j, e in result.failed], "stale": [(j.label, k) for j, k in result.stale]}
 
 
 def _run_parallel(suite_path: str | Path, out: str | Path | None, selected: Sequence[Job], root: Path, jobs: int,
@@ -300,6 +310,9 @@ def _run_parallel(suite_path: str | Path, out: str | Path | None, selected: Sequ
     import multiprocessing
     from concurrent.futures import ProcessPoolExecutor, as_completed
 
+    from shn.plugins import active
+
+    plugins = active()
     by_label = {j.label: j for j in selected}
     result = SuiteResult(list(selected))
     groups = _groups(selected)
@@ -309,7 +322,8 @@ def _run_parallel(suite_path: str | Path, out: str | Path | None, selected: Sequ
 
     with ProcessPoolExecutor(max_workers=jobs, mp_context=multiprocessing.get_context("spawn"),
                              initializer=_exit_with_parent, initargs=(os.getpid(),)) as pool:
-        futures = {pool.submit(_worker, str(suite_path), None if out is None else str(out), [j.label for j in g], extra): g
+        futures = {pool.submit(_worker, str(suite_path), None if out is None else str(out), [j.label for j in g], extra,
+                               plugins): g
                    for g in groups}
         for fut in as_completed(futures):
             group = futures[fut]
@@ -321,6 +335,7 @@ def _run_parallel(suite_path: str | Path, out: str | Path | None, selected: Sequ
                 result.done.extend(by_label[x] for x in got["done"])
                 result.skipped.extend(by_label[x] for x in got["skipped"])
                 result.failed.extend((by_label[x], e) for x, e in got["failed"])
+                result.stale.extend((by_label[x], k) for x, k in got["stale"])
             bar.update(1)
     bar.close()
     if result.failed:
@@ -337,14 +352,21 @@ def _run_jobs(jobs: Sequence[Job], root: Path, progress: bool) -> SuiteResult:
     cache: dict[str, Any] = {}  # the last task built, reused while (task config, seed) is unchanged
     for job in jobs:
         bar.set_postfix_str(job.label)
-        if (job.run_dir / "summary.json").is_file():
-            result.skipped.append(job)
-            bar.update(1)
-            continue
         t0 = time.perf_counter()
         status: dict[str, Any] = {"run": job.label, "run_dir": str(job.run_dir)}
         try:
             config = job.config()
+            changed = config_changes(job.run_dir, config)
+            if changed:
+                moved = move_aside(job.run_dir)
+                log.warning("suite run %s: its recorded config differs from the suite's in %s: moved to %s, "
+                            "running it again", job.label, ", ".join(changed[:10]), moved)
+                _log(root, {**status, "status": "stale", "changed": changed, "moved_to": str(moved)})
+                result.stale.append((job, changed))
+            elif (job.run_dir / "summary.json").is_file():
+                result.skipped.append(job)
+                bar.update(1)
+                continue
             res = run(config, task=_task(config, cache), run_dir=job.run_dir, resume=True, progress=False)
         except KeyboardInterrupt:
             _log(root, {**status, "status": "interrupted", "seconds": round(time.perf_counter() - t0, 1)})
@@ -370,6 +392,59 @@ def _run_jobs(jobs: Sequence[Job], root: Path, progress: bool) -> SuiteResult:
         log.error("%d of %d suite runs failed: %s", len(result.failed), len(jobs),
                   ", ".join(j.label for j, _ in result.failed))
     return result
+
+
+# keys whose change does not change a run's numbers (where it ran, how often it saved)
+UNTRAINED_KEYS = ("device", "checkpoint_every")
+
+
+def recorded_config_path(run_dir: Path) -> Path | None:
+    """A run directory's resolved ``config.toml`` (a pipeline run's: its stage-3 folder's)."""
+    if (run_dir / "config.toml").is_file():
+        return run_dir / "config.toml"
+    stages = sorted(run_dir.glob("stage3_*/config.toml"))
+    return stages[0] if stages else None
+
+
+def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, Mapping):
+            out.update(_flat(v, f"{prefix}{k}."))
+        else:
+            out[f"{prefix}{k}"] = v
+    return out
+
+
+def config_changes(run_dir: Path, config: RunConfig) -> list[str]:
+    """The training-relevant keys in which ``run_dir``'s recorded config differs from ``config``
+    (sorted; ``[]`` when it has none yet or they agree). Both are resolved through the current
+    dataclasses, so a key an older run lacks counts as its default; a recorded config that no
+    longer loads differs in ``["config.toml"]``."""
+    from shn.config import config_to_dict, load_config
+
+    path = recorded_config_path(run_dir)
+    if path is None:
+        return []
+    try:
+        old = _flat(config_to_dict(load_config(path)))
+    except ConfigError:
+        return ["config.toml"]
+    new = _flat(config_to_dict(config))
+    keys = (set(old) | set(new)) - set(UNTRAINED_KEYS)
+    return sorted(k for k in keys if k.split(".")[0] != "sweep" and old.get(k, _MISSING) != new.get(k, _MISSING))
+
+
+_MISSING = object()
+
+
+def move_aside(run_dir: Path) -> Path:
+    """Rename ``run_dir`` to ``<run_dir>.stale-<n>`` (the first free n); returns the new path."""
+    n = 1
+    while (target := run_dir.with_name(f"{run_dir.name}.stale-{n}")).exists():
+        n += 1
+    run_dir.rename(target)
+    return target
 
 
 def _task(config: RunConfig, cache: dict[str, Any]) -> Any:

@@ -19,25 +19,29 @@ optuna pruner object from Python), so that the ``[sweep]`` table stays parameter
 Storage: ``sqlite:///path.db`` (any SQLAlchemy URL works; SQLite gets a 60 s lock timeout) or a
 journal file path (optuna's ``JournalFileBackend``; faster, ~4x fewer ms per write). ``workers``
 processes share one study: the calling process is worker 0 and ``workers - 1`` more are started
-with ``python -m shn.sweep``. The trial budget ``trials`` is the study's total: finished trials
-(complete, pruned or failed) and trials running in any worker are counted, and a new trial is
-only started under a file lock while fewer than ``trials`` are, so the study ends with exactly
-``trials`` trials however many workers share it. Running the command again with the same
-storage and study resumes: finished trials are kept (not re-run) and only the missing ones are
-started; trials left RUNNING by a killed sweep are marked FAIL and listed in the study's
-``interrupted`` user attribute, and do not count. Several ``shn sweep`` commands on one study (on
-one machine) are safe: every process of a command holds a shared lock on
+with ``python -m shn.sweep``. ``trials`` is how many trials this command **adds** to the study
+(optuna's ``n_trials``): every trial a process of the command starts is tagged with the command's
+id, and a new one is only started, under a file lock, while the command has started fewer than
+``trials`` — so the command adds exactly ``trials`` trials however many workers it has. Running
+the command again with the same storage and study resumes: finished trials are kept (not re-run)
+and ``trials`` more are run; ``trials = 0`` runs none and only rewrites ``trials.csv`` and
+``best.toml`` (saying so in one line). Trials left RUNNING by a killed sweep are marked FAIL and
+listed in the study's ``interrupted`` user attribute. Several ``shn sweep`` commands on one study
+(on one machine) are safe: every process of a command holds a shared lock on
 ``<lock>.<study hash>.command`` while it runs, and running trials are only declared interrupted
-by a command that finds no other holder (an exclusive lock); otherwise it joins the study and
-shares its budget. (Locks are local files: commands on *other machines* sharing an RDB study
-are not seen; across machines, run one command per study and add workers with ``--workers``.)
+by a command that finds no other holder (an exclusive lock); otherwise it joins the study, each
+command adding its own ``trials``. (Locks are local files: commands on *other machines* sharing
+an RDB study are not seen; across machines, run one command per study and add workers with
+``--workers``.)
 
 The storage is opened and read once up front: a corrupt SQLite file or journal, a database URL
 whose driver is not installed (``postgresql://`` without ``psycopg2``) or an unknown scheme is a
 one-line ``ConfigError``. Worker processes receive the sweep as a JSON file (never a pickle).
 
-Sampling: ``TPESampler(seed=config.seed + worker)`` — with one worker the same config gives the
-same sequence of trials. Outputs in ``out``: ``trials.csv`` (one row per trial) and ``best.toml``
+Sampling: ``TPESampler(seed=config.seed + worker)`` on a new study — with one worker the same
+config gives the same sequence of trials. A resumed study's sampler is seeded from (seed, worker,
+the study's trial count), so a resumed sweep never replays the random start-up proposals of its
+first command (a sampler re-seeded identically proposes the same parameters again). Outputs in ``out``: ``trials.csv`` (one row per trial) and ``best.toml``
 (the base config, overrides included, with the best trial's values applied and the ``[sweep]``
 table removed: ``shn run best.toml`` runs it).
 """
@@ -52,6 +56,7 @@ import os
 import subprocess
 import sys
 import time
+import uuid
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Mapping, Sequence
@@ -290,6 +295,9 @@ class _Spec:
     progress: bool
     extra: dict[str, Any] = field(default_factory=dict)
     pruner_args: dict[str, Any] | None = None  # make_pruner's arguments: how workers rebuild it
+    plugins: list[dict[str, Any]] = field(default_factory=list)  # shn.plugins.active(): what workers import
+    command: str = ""  # this command's id: its trials carry it (the budget is per command)
+    start_trials: int = 0  # the study's trial count when the command started (seeds the sampler)
 
     def to_json(self) -> str:
         """The spec for a worker process (JSON: nothing in it can run code when read)."""
@@ -297,7 +305,8 @@ class _Spec:
             raise ConfigError("pruner: a pruner object cannot be sent to worker processes; with --workers > 1 "
                               f"use a pruner by name ({', '.join(PRUNERS)})")
         data = {k: getattr(self, k) for k in ("base_data", "storage", "study_name", "trials", "out", "seed", "lock",
-                                              "threads", "progress", "extra", "pruner_args")}
+                                              "threads", "progress", "extra", "pruner_args", "plugins", "command",
+                                              "start_trials")}
         data["space"] = {path: {**vars(p), "choices": list(p.choices)} for path, p in self.space.items()}
         try:
             return json.dumps(data, allow_nan=False)
@@ -318,10 +327,22 @@ def _interrupted(study: Any) -> set[int]:
     return set(study.user_attrs.get("interrupted", []))
 
 
-def _used(study: Any) -> int:
-    """Trials that count toward the budget: finished ones (not interrupted) and running ones."""
+def _used(study: Any, command: str = "") -> int:
+    """Trials of this command that count toward its budget: finished ones (not interrupted) and
+    running ones."""
     skip = _interrupted(study)
-    return sum(1 for t in study.get_trials(deepcopy=False) if t.state.name in COUNTED and t.number not in skip)
+    return sum(1 for t in study.get_trials(deepcopy=False)
+               if t.state.name in COUNTED and t.number not in skip and t.user_attrs.get("command", "") == command)
+
+
+def sampler_seed(seed: int, worker: int, start_trials: int) -> int:
+    """``seed + worker`` on a new study; on a resumed one a seed that also depends on the study's
+    trial count, so that resuming never replays the first command's proposals."""
+    if start_trials == 0:
+        return seed + worker
+    from shn.seeding import derive_seed
+
+    return derive_seed(seed, "sweep-sampler", worker, start_trials) % 2**32  # numpy RandomState seeds are 32-bit
 
 
 def _mark_interrupted(study: Any, numbers: Sequence[int]) -> None:
@@ -340,15 +361,16 @@ def _work(spec: _Spec, worker: int, objective: Objective | None = None) -> None:
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage = open_storage(spec.storage)
-    study = optuna.load_study(study_name=spec.study_name, storage=storage,
-                              sampler=optuna.samplers.TPESampler(seed=spec.seed + worker), pruner=spec.pruner)
+    sampler = optuna.samplers.TPESampler(seed=sampler_seed(spec.seed, worker, spec.start_trials))
+    study = optuna.load_study(study_name=spec.study_name, storage=storage, sampler=sampler, pruner=spec.pruner)
     objective = objective or Objective(spec.base_data, spec.space, spec.out)
     lock = Path(spec.lock)
     while True:
         with file_lock(lock):
-            if _used(study) >= spec.trials:
+            if _used(study, spec.command) >= spec.trials:
                 return
             trial = study.ask()
+            trial.set_user_attr("command", spec.command)  # under the lock: counted by every worker
         trial.set_user_attr("worker", worker)
         t0 = time.perf_counter()
         note = ""
@@ -379,8 +401,9 @@ def _worker_main(spec_path: str, worker: int) -> int:
         import torch
 
         torch.set_num_threads(spec.threads)
-    import shn  # noqa: F401  (registers methods and tasks)
+    from shn.plugins import load_specs
 
+    load_specs(spec.plugins)  # the built-ins, and the parent's plugins (their methods, tasks, encoders)
     held = CommandLock(command_lock_path(Path(spec.lock), spec.study_name))
     held.share()  # if the command's first process dies, this worker's trials still count as live
     try:
@@ -408,8 +431,8 @@ def sweep(config_path: str | Path, trials: int = 20, storage: str | None = None,
 
     from shn.runner import torch_threads
 
-    if not isinstance(trials, int) or trials < 1:
-        raise ConfigError(f"--trials: must be ≥ 1, got {trials!r}")
+    if isinstance(trials, bool) or not isinstance(trials, int) or trials < 0:
+        raise ConfigError(f"--trials: the number of trials to add, must be ≥ 0, got {trials!r}")
     if not isinstance(workers, int) or workers < 1:
         raise ConfigError(f"--workers: must be ≥ 1, got {workers!r}")
     base_data = load_base(config_path, overrides)
@@ -427,17 +450,22 @@ def sweep(config_path: str | Path, trials: int = 20, storage: str | None = None,
 
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     storage_obj = open_storage(storage)
+    if trials == 0:
+        return _no_new_trials(storage_obj, storage, study_name, out, base_data)
     lock = lock_path(storage, out)
     command = CommandLock(command_lock_path(lock, study_name))
     try:
         alone = command.acquire_alone()  # no other shn sweep command works on this study now
-        task, metric = _prepare_study(storage_obj, storage, study_name, space, base, lock, alone)
+        task, metric, start_trials = _prepare_study(storage_obj, storage, study_name, space, base, lock, alone)
         command.share()
         threads = max(1, (os.cpu_count() or 1) // workers) if workers > 1 else None
         pruner_args = (dict(pruner=pruner, n_startup_trials=n_startup_trials, n_warmup_steps=n_warmup_steps)
                        if isinstance(pruner, str) else None)
+        from shn.plugins import active
+
         spec = _Spec(base_data, space, storage, study_name, trials, str(out), base.seed, pruner_obj, str(lock),
-                     threads, progress, pruner_args=pruner_args)
+                     threads, progress, pruner_args=pruner_args, plugins=active(), command=uuid.uuid4().hex,
+                     start_trials=start_trials)
         procs: list[subprocess.Popen] = []
         if workers > 1:
             from shn.federated.records import atomic_write_text
@@ -462,11 +490,24 @@ def sweep(config_path: str | Path, trials: int = 20, storage: str | None = None,
     return finish(study_name, storage, out, base_data, metric)
 
 
+def _no_new_trials(storage_obj: Any, storage: str, study_name: str, out: Path, base_data: Mapping[str, Any]) -> dict[str, Any]:
+    """``--trials 0``: nothing runs; one line says what the study holds, and its outputs are rewritten."""
+    import optuna
+
+    if study_name not in set(optuna.get_all_study_names(storage_obj)):
+        raise ConfigError(f"--trials 0: study {study_name!r} does not exist in {storage}; give --trials N to start it")
+    result = finish(study_name, storage, out, base_data)
+    print(f"shn sweep: study {study_name!r} already has {result['trials']} trials ({result['complete']} complete, "
+          f"{result['pruned']} pruned, {result['fail']} failed); --trials 0 adds none (trials.csv and best.toml "
+          "rewritten; give --trials N to run N more)", file=sys.stderr)
+    return result
+
+
 def _prepare_study(storage_obj: Any, storage: str, study_name: str, space: Mapping[str, Param], base: RunConfig,
-                   lock: Path, alone: bool) -> tuple[Any, str]:
+                   lock: Path, alone: bool) -> tuple[Any, str, int]:
     """Create or load the study (same [sweep] table), record its metric; when this command is
     alone on the study, trials left RUNNING are interrupted ones: marked FAIL, not counted.
-    Returns (the task if it was built, the metric)."""
+    Returns (the task if it was built, the metric, the study's trial count)."""
     import optuna
 
     from shn.runner import make_task, primary_metric
@@ -501,8 +542,9 @@ def _prepare_study(storage_obj: Any, storage: str, study_name: str, space: Mappi
             _mark_interrupted(study, running)
         elif running:
             print(f"shn sweep: trials {running} are running in another shn sweep on study {study_name!r}: "
-                  "joining it (the trial budget is shared)", file=sys.stderr)
-    return task, metric
+                  "joining it (each command adds its own --trials)", file=sys.stderr)
+        start_trials = len(study.get_trials(deepcopy=False))
+    return task, metric, start_trials
 
 
 def finish(study_name: str, storage: str, out: str | Path, base_data: Mapping[str, Any],

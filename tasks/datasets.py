@@ -29,6 +29,8 @@ from pathlib import Path
 
 import numpy as np
 
+from tasks.options import shown_path
+
 __all__ = [
     "DataError",
     "ImageData",
@@ -107,9 +109,9 @@ def _limit(x: np.ndarray, y: np.ndarray, limit: int | None) -> tuple[np.ndarray,
 def _require_dir(path: str | Path, what: str) -> Path:
     path = Path(path).expanduser()
     if not path.exists():
-        raise DataError(f"{path}: directory not found (expected {what})")
+        raise DataError(f"{shown_path(path)}: directory not found (expected {what})")
     if not path.is_dir():
-        raise DataError(f"{path}: not a directory (expected {what})")
+        raise DataError(f"{shown_path(path)}: not a directory (expected {what})")
     return path
 
 

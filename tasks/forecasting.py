@@ -56,7 +56,7 @@ from tasks.base import ClientData
 from tasks.client_graph import haversine_km, knn_adjacency, symmetrize_adjacency
 from tasks.forecast_models import FORECAST_MODELS, make_forecaster
 from tasks.naive import NAIVE_BASELINES, naive_predictions
-from tasks.options import check_choice, check_fractions, check_int, check_path  # noqa: F401  (re-exported)
+from tasks.options import check_choice, check_fractions, check_int, check_path, shown_path  # noqa: F401  (re-exported)
 from tasks.tables import TableError, read_numeric_columns, read_text, refuse_unstandardisable, split_header  # noqa: F401
 
 __all__ = [
@@ -525,5 +525,5 @@ def require_data_dir(options, task: str) -> Path:
         raise ValueError(f"task {task!r} needs the option data_dir (folder with the data files); it is not set")
     path = Path(options.data_dir).expanduser()
     if not path.is_dir():
-        raise ForecastDataError(f"task {task!r}: data_dir {str(path)!r} is not a directory")
+        raise ForecastDataError(f"task {task!r}: data_dir {shown_path(path)} is not a directory")
     return path

@@ -9,7 +9,17 @@ from typing import Sequence
 
 import numpy as np
 
-__all__ = ["check_int", "check_choice", "check_path", "check_fractions", "check_bool", "as_names", "as_paths"]
+__all__ = ["check_int", "check_choice", "check_path", "check_fractions", "check_bool", "as_names", "as_paths",
+           "shown_path"]
+
+
+def shown_path(path: str | Path) -> str:
+    """A path for an error message: a relative one also says what it was resolved against (the
+    working directory: config paths are not relative to the config file)."""
+    p = Path(path)
+    if p.is_absolute():
+        return str(p)
+    return f"{p} (relative to the working directory {Path.cwd()})"
 
 
 def _is_int(value) -> bool:

@@ -23,6 +23,7 @@ from typing import Sequence
 import numpy as np
 
 from tasks.datasets import DataError
+from tasks.options import shown_path
 
 __all__ = ["TableError", "Table", "read_table", "resolve_files", "read_text", "split_header",
            "read_numeric_columns", "refuse_unstandardisable", "MISSING_TOKENS"]
@@ -121,7 +122,7 @@ def resolve_files(files: Sequence[str], data_dir: str | None, option: str = "fil
         raise ValueError(f"task option {option} is not set; give a CSV file (or a list of them)")
     base = Path(data_dir).expanduser() if data_dir else None
     if base is not None and not base.is_dir():
-        raise TableError(f"{base}: data_dir is not a directory")
+        raise TableError(f"{shown_path(base)}: data_dir is not a directory")
     out: list[Path] = []
     for item in files:
         p = Path(item).expanduser()
@@ -132,7 +133,7 @@ def resolve_files(files: Sequence[str], data_dir: str | None, option: str = "fil
                 raise TableError(f"{p}: task option {option}: no file matches this pattern")
             out.extend(found)
         elif not p.is_file():
-            raise TableError(f"{p}: file not found (task option {option})")
+            raise TableError(f"{shown_path(p)}: file not found (task option {option})")
         else:
             out.append(p)
     return list(dict.fromkeys(out))

@@ -76,7 +76,44 @@ _STD_FLOOR = 1e-8
 
 @dataclass(frozen=True)
 class TabularOptions:
-    """Options of the ``tabular`` task (a TOML ``[task]`` table); see the module docstring."""
+    """Options of the ``tabular`` task (a TOML ``[task]`` table); the module docstring has the details.
+
+    Attributes:
+        files: CSV / CSV.gz file(s) with the same columns; glob patterns allowed; relative to
+            ``data_dir`` when given, else to the working directory.
+        data_dir: folder the files are relative to.
+        client_column: the column naming each row's client (one client per distinct value).
+        target_column: the column to predict.
+        feature_columns: the input columns; empty: every column but the client, target, split,
+            coordinate and excluded ones.
+        exclude_columns: columns never used as features (e.g. an id).
+        categorical_columns: columns one-hot encoded even if numeric (non-numeric ones always are).
+        max_categories: more distinct values than this in a categorical column is an error.
+        problem: "classification", "regression", or "auto" (non-numeric targets, or integers
+            with at most max_classes values, are classes).
+        max_classes: "auto": integer targets with more distinct values are a regression.
+        scaling: standardise numeric columns with each "client"'s training statistics, "global"
+            (pooled) ones, or "none".
+        split: per-client train / val / test split: "stratified", "random", or "auto"
+            (stratified for classification).
+        split_column: a column saying train / val / test per row (instead of fractions).
+        train_fraction: share of each client's rows for training.
+        val_fraction: share for validation (model selection).
+        test_fraction: share for the test split.
+        split_seed: seed of the split; None: the run seed.
+        min_rows: clients with fewer rows are dropped (or an error, see small_clients).
+        small_clients: "drop" (with a warning naming them) or "error".
+        num_clients: keep the first n clients (in order of appearance); None: all.
+        hidden: width of the MLP target model.
+        hidden_layers: hidden layers of the MLP target model.
+        graph_file: a client graph (edge list or dense matrix keyed by client value).
+        coordinate_columns: columns with client coordinates (of the data, or of locations_file)
+            for a kNN client graph.
+        locations_file: a table with one row per client holding coordinate_columns.
+        graph_metric: distance of the coordinate graph: "haversine" (latitude, longitude in
+            degrees) or "euclidean".
+        graph_k: neighbours per client in the coordinate graph.
+    """
 
     files: str | tuple[str, ...] = ()
     data_dir: str | None = None

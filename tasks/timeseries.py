@@ -78,7 +78,47 @@ _TIME_NAMES = ("time", "timestamp", "datetime", "date", "date_time", "ts")
 
 @dataclass(frozen=True)
 class TimeseriesOptions:
-    """Options of the ``timeseries`` task (a TOML ``[task]`` table); see the module docstring."""
+    """Options of the ``timeseries`` task (a TOML ``[task]`` table); the module docstring has the details.
+
+    Attributes:
+        files: CSV / CSV.gz file(s) with the same columns; glob patterns allowed; relative to
+            ``data_dir`` when given, else to the working directory.
+        data_dir: folder the files are relative to.
+        layout: "long" (one row per client and time step, needs client_column), "wide" (one
+            column per client) or "auto" (long when client_column is set).
+        client_column: long layout: the column naming each row's client.
+        time_column: the timestamp column; None: a column named time / timestamp / datetime /
+            date (wide: the first column).
+        timestamp_format: strptime format of the timestamps, or "unix"; None: ISO 8601.
+        freq: the time step ("10min", "1h", "1D", ...); None: the most common gap.
+        variables: long layout: the value columns; empty: every other numeric column.
+        variable: wide layout: the name of the one variable the client columns hold.
+        target_vars: the variables to forecast; empty: the only variable.
+        input_vars: the input variables; None: every variable.
+        absent_inputs: an input a client never observes in training is a constant "zero" input,
+            or is "drop"ped (input sizes then differ between clients).
+        zeros_are_missing: treat zeros as missing values (sensor dropouts), not as values.
+        calendar: calendar input features: ["auto"] (those that fit the step), [] or a list of
+            time_of_day, day_of_week, day_of_year.
+        seasonal_lags: durations ("1D", "7D") whose lagged targets are extra inputs.
+        seasonal_period: season of the seasonal naive baseline: "auto", "none" or a duration.
+        input_len: input window length in steps.
+        output_len: forecast horizon in steps.
+        train_fraction: chronological share of the time axis for training.
+        val_fraction: the next share, for validation.
+        test_fraction: the last share, for the test split.
+        stride: steps between window starts.
+        max_windows: keep at most this many windows per split and client (evenly spaced); None: all.
+        num_clients: keep the first n clients; None: all.
+        model: the forecaster: "gru" or "mlp".
+        hidden: the forecaster's width.
+        graph_file: a client graph (edge list or dense matrix keyed by client value).
+        coordinate_columns: columns with client coordinates (of a long table, or of
+            locations_file) for a kNN client graph.
+        locations_file: a table with one row per client holding coordinate_columns.
+        graph_metric: distance of the coordinate graph: "haversine" or "euclidean".
+        graph_k: neighbours per client in the coordinate graph.
+    """
 
     files: str | tuple[str, ...] = ()
     data_dir: str | None = None

@@ -71,7 +71,8 @@ class TrafficOptions:
         train_fraction, val_fraction, test_fraction: chronological split of the time axis.
         add_time_of_day: add time of day in [0, 1) as a second input feature.
         steps_per_day: steps per day when the file has no timestamps (288 = 5 min).
-        model: ``"gru"`` or ``"mlp"``; hidden: its width.
+        model: ``"gru"`` or ``"mlp"``.
+        hidden: the forecaster's width.
         stride: step between window starts.
         max_windows: keep at most this many windows per split and client (evenly spaced).
         zeros_are_missing: a value of 0 is a dropout (speed data); false for counts.

@@ -101,8 +101,10 @@ class WeatherOptions:
         train_fraction, val_fraction, test_fraction: chronological split of the time axis.
         max_steps: keep only the first ``max_steps`` hours; ``None`` = all.
         num_clients: keep the first ``n`` stations of the stations table; ``None`` = all.
-        stride: step between window starts; max_windows: cap per split and client (evenly spaced).
-        model: ``"gru"`` or ``"mlp"``; hidden: its width.
+        stride: step between window starts.
+        max_windows: keep at most this many windows per split and client (evenly spaced).
+        model: ``"gru"`` or ``"mlp"``.
+        hidden: the forecaster's width.
         graph_k: neighbours per station in the haversine kNN relation graph.
         seasonal_lags: durations (``"1D"``, ``"7D"``) whose lagged targets are extra inputs.
         seasonal_period: season of the seasonal naive baseline (``"auto"`` = one day, ``"none"``,

@@ -3,7 +3,8 @@ deployable with TLS + SuperNode authentication, and runnable on Flower's Ray sim
 
 Ray-free tests drive the real ServerApp/ClientApp code through ``InProcessGrid`` (the ClientApp
 called in this process, one Context per node). The deployment test starts a real SuperLink and
-SuperNodes on free loopback ports; the Ray test runs ``flwr.simulation.run_simulation``.
+SuperNodes on free loopback ports; the simulation test runs ``shn flower simulate``'s ``flwr run``
+against a SuperLink in simulation mode (Ray).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from typing import Any
 import pytest
 import torch
 
-from shn.config import config_from_dict
+from shn.config import config_from_dict, load_config
 from shn.federated.server import Server
 from shn.registry import METHODS
 from shn.runner import run
@@ -582,17 +583,19 @@ def ray_processes() -> set[int]:
 
 @pytest.mark.ray
 @pytest.mark.slow
-def test_ray_simulation_smoke(tmp_path, monkeypatch):
+def test_simulation_runs_through_flwr_run_and_leaves_nothing_running(tmp_path, monkeypatch):
+    """`shn flower simulate` on Flower's current API: `flwr run` against a SuperLink in simulation
+    mode that the call starts on free ports and stops (not the deprecated run_simulation)."""
     pytest.importorskip("ray")
     monkeypatch.setenv("RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO", "0")  # silences a FutureWarning (no GPUs here)
-    from shn.flower.engine import simulate
+    from shn.flower.simulation import _helpers, simulate
 
     cfg = tmp_path / "c.toml"
     cfg.write_text('method = "pfedhn"\nrounds = 1\nclients_per_round = 2\neval_every = 1\n'
                    '[task]\nname = "digits"\nnum_clients = 2\n[local]\nsteps = 2\nbatch_size = 16\n')
     before = ray_processes()
     try:
-        result = simulate(cfg, supernodes=2, run_dir=tmp_path / "run")
+        result = simulate(cfg, supernodes=2, run_dir=tmp_path / "run", extra={"local.lr": 0.01})
     finally:  # Ray's actors exit by themselves shortly after the backend stops; make sure they did
         deadline = time.monotonic() + 30
         while ray_processes() - before and time.monotonic() < deadline:
@@ -604,5 +607,10 @@ def test_ray_simulation_smoke(tmp_path, monkeypatch):
                 pass
     summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["rounds"] == 1 and summary["failed_clients"] == 0 and set(summary["per_client"]) == {"0", "1"}
-    assert result.summary["metrics"]["test_accuracy"] == summary["metrics"]["test_accuracy"]
+    assert summary["engine"] == "flower" and result.summary == summary
+    assert load_config(tmp_path / "run" / "config.toml").local.lr == 0.01  # an extra key travels as an override
+    log = result.extra["flower_log"]
+    assert "DEPRECATED FEATURE" not in log and "run_simulation" not in log  # Flower's deprecation warning
+    pid = result.extra["superlink_pid"]
+    assert not Path(f"/proc/{pid}").exists() and not _helpers(pid)
     assert not ray_processes() - before

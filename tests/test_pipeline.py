@@ -70,3 +70,13 @@ def test_pipeline_files_are_strict_json(task, tmp_path, monkeypatch):
     assert strict(out / "stage2_graph" / "graph_summary.json")["homophily"] is None
     (entry,) = list((tmp_path / "cache").iterdir())
     strict(entry / "summary.json")
+
+
+def test_shn_pipeline_on_a_method_without_a_graph_is_a_one_line_error(tmp_path, capsys):
+    """`shn pipeline` with method = "pfedhn" used to train pFedHN, a graph, then pFedHN again."""
+    from shn.cli import main
+
+    code = main(["pipeline", QUICKSTART, "--set", "rounds=1", "--out", str(tmp_path / "p")])
+    err = capsys.readouterr().err.strip()
+    assert code == 2 and len(err.splitlines()) == 1
+    assert "'pfedhn' uses no client graph" in err and "shn" in err and not (tmp_path / "p").exists()

@@ -150,3 +150,85 @@ def test_rewire_homophily_in_graph_inference():
         assert g.num_edges == plain.num_edges and g.is_symmetric() and torch.equal(g.edge_index, again.edge_index)
         h = edge_homophily(g, sets=task.label_sets())["homophily"]
         assert abs(h - target) < abs(h0 - target) or h == target
+
+
+def test_two_runs_with_the_same_config_and_seed_are_one_run_not_two_seeds(tmp_path, caplog):
+    """`shn report runs/cmp/* runs/pipe` printed "pfedhn 0.3840 ± 0.0000 (n=2)" for two seed-0
+    runs of one config. They are one experiment: counted once (the newer kept), with a warning."""
+    import os
+
+    _fake_run(tmp_path / "cmp" / "pfedhn", "pfedhn", 0, 0.384)
+    _fake_run(tmp_path / "pipe", "pfedhn", 0, 0.384, device="cuda")  # where it ran does not matter
+    os.utime(tmp_path / "pipe" / "summary.json", (2e9, 2e9))
+    _fake_run(tmp_path / "cmp" / "pfedhn-1", "pfedhn", 1, 0.5)
+    groups = group_runs(find_runs([tmp_path]))
+    (g,) = groups
+    assert sorted(r.seed for r in g.runs) == [0, 1] and g.stats("test_accuracy")[2] == 2
+    assert [(d.path.name, k.path.name) for d, k in g.duplicates] == [("pfedhn", "pipe")]
+    assert "same config with seed 0: counted once" in caplog.text
+    out = tmp_path / "report"
+    build_report([tmp_path], out=out)
+    md = (out / "report.md").read_text()
+    assert "2 runs in 1 groups" in md and "Duplicates counted once** (1)" in md
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert rows[0]["runs"] == "2" and rows[0]["seeds"] == "0 1"
+
+
+def _study_run(root: Path, method: str, seed: int, acc: float, *, summary_extra=None, history=None, **config):
+    _fake_run(root, method, seed, acc, **config)
+    path = root / "summary.json"
+    path.write_text(json.dumps({**json.loads(path.read_text()), **(summary_extra or {})}))
+    if history is not None:
+        (root / "metrics.jsonl").write_text("".join(json.dumps(h) + "\n" for h in history))
+
+
+def test_curves_are_labelled_and_on_a_client_update_axis_that_counts_stage_one(tmp_path):
+    from shn.report import plot_curves
+
+    hist = [{"round": 1, "client_updates": 5, "val_accuracy": 0.3}, {"round": 2, "client_updates": 10, "val_accuracy": 0.5}]
+    for seed in (0, 1):
+        _study_run(tmp_path / "pf" / f"s{seed}", "pfedhn", seed, 0.5, history=hist)
+        # a pipeline run: stage 1 (pFedHN) spent 10 client updates before stage 3's curve
+        _study_run(tmp_path / "shn" / f"s{seed}", "shn", seed, 0.6, history=hist, graph={"kind": "knn"},
+                   summary_extra={"budget": {"client_updates": 20, "stage1_client_updates": 10,
+                                             "stage3_client_updates": 10}})
+    groups = group_runs(find_runs([tmp_path]))
+    drawn = plot_curves(groups, tmp_path / "c.png")
+    assert drawn["ylabel"] == "validation accuracy (val_accuracy)"
+    assert drawn["xlabel"].startswith("client updates") and "stage 1" in drawn["xlabel"]
+    assert "n = 2" in drawn["title"] and "the tables report test" in drawn["title"]
+    assert drawn["series"]["pfedhn"]["x"] == [5, 10] and drawn["series"]["shn (graph.kind=knn)"]["x"] == [15, 20]
+    assert drawn["series"]["pfedhn"]["n"] == 2 and drawn["seeds"] == [0, 1]
+    md = build_report([tmp_path], tmp_path / "report").read_text()
+    assert "bands: ±1 sample std" in md
+
+
+def test_study_figures_only_for_studies_present_and_depth_on_a_log2_axis(tmp_path):
+    from shn.report import plot_xy
+    from shn.report.figures import _layers
+
+    # two seeds of one SHN config whose inferred graphs differ in homophily: no heterophily study
+    for seed, h in ((0, 0.3), (1, 0.6)):
+        _study_run(tmp_path / "a" / f"s{seed}", "shn", seed, 0.5, graph={"kind": "knn"},
+                   summary_extra={"graph": {"set_homophily": {"homophily": h}}})
+    build_report([tmp_path / "a"], tmp_path / "r1")
+    assert not list((tmp_path / "r1").glob("heterophily_*.png")) and not list((tmp_path / "r1").glob("depth_*.png"))
+    # rewired to two targets: a heterophily study
+    for seed, (h, target) in enumerate(((0.1, 0.0), (0.9, 1.0))):
+        _study_run(tmp_path / "b" / f"t{target}", "shn", 0, 0.5 + h / 10, graph={"kind": "knn", "rewire_homophily": target},
+                   summary_extra={"graph": {"set_homophily": {"homophily": h}}})
+    build_report([tmp_path / "a", tmp_path / "b"], tmp_path / "r2")
+    assert list((tmp_path / "r2").glob("heterophily_*.png"))
+    # depth study L = 1, 2, 4, 8 with GHN's energy falling to 0: log2 x, symlog energy, n in the title
+    for layers in (1, 2, 4, 8):
+        for seed in (0, 1):
+            _study_run(tmp_path / "d" / f"L{layers}s{seed}", "ghn", seed, 0.5, graph={"kind": "knn"},
+                       encoder={"layers": layers}, summary_extra={"encoder_dirichlet_energy": 0.0 if layers == 8 else 1.0 / layers})
+    groups = group_runs(find_runs([tmp_path / "d"]))
+    drawn = plot_xy(groups, _layers, "encoder layers L", "encoder.layers", tmp_path / "depth.png", "depth",
+                    energy=True, log2_x=True)
+    assert drawn["xscale"] == "log2" and drawn["xlabel"] == "encoder layers L (log2 scale)"
+    assert drawn["energy_scale"] == "symlog" and "n = 2 seeds per point" in drawn["title"]
+    assert drawn["series"] == {"ghn (graph.kind=knn)": [1.0, 2.0, 4.0, 8.0]}
+    md = build_report([tmp_path / "d"], tmp_path / "r3").read_text()
+    assert "depth_digits.png" in md and "n = 2 seeds per point" in md

@@ -194,3 +194,32 @@ def test_parallel_workers_stop_when_the_suite_process_is_killed(tmp_path):
     finally:
         if proc.poll() is None:
             proc.kill()
+
+
+def test_a_changed_suite_config_reruns_the_stale_runs_and_keeps_the_old_ones_aside(tmp_path, caplog):
+    """`set = ["rounds=2"]` → `["rounds=3"]`: the finished 2-round runs are not reported as done
+    ("skipped") but moved to <dir>.stale-1 and run again with 3 rounds; the changed key is logged.
+    A change of device or checkpointing alone is not a change of the experiment."""
+    runs = '[[runs]]\nname = "cmp"\nconfig = "CONFIG"\nmethods = ["local"]\nset = ["ROUNDS"]\n'
+    suite = write(tmp_path, runs.replace("ROUNDS", "rounds=2"))
+    run_dir = tmp_path / "out" / "cmp" / "local" / "seed0"
+    first = run_suite(suite, progress=False)
+    assert len(first.done) == 1 and json.loads((run_dir / "summary.json").read_text())["rounds"] == 2
+
+    suite = write(tmp_path, runs.replace("ROUNDS", "rounds=3"))
+    second = run_suite(suite, progress=False)
+    assert len(second.done) == 1 and not second.skipped
+    assert second.as_dict()["stale_rerun"] == [{"run": "cmp/local/seed0", "changed": ["rounds"]}]
+    assert json.loads((run_dir / "summary.json").read_text())["rounds"] == 3
+    stale = run_dir.with_name("seed0.stale-1")
+    assert json.loads((stale / "summary.json").read_text())["rounds"] == 2  # kept, aside
+    assert "cmp/local/seed0" in caplog.text and "rounds" in caplog.text
+    log = [json.loads(line) for line in (tmp_path / "out" / "suite_log.jsonl").read_text().splitlines()]
+    assert {"status": "stale", "changed": ["rounds"]}.items() <= log[-2].items()
+
+    unchanged = run_suite(suite, progress=False)
+    assert len(unchanged.skipped) == 1 and not unchanged.stale
+    again = run_suite(suite, progress=False, extra=['device="cpu"', "checkpoint_every=1"])
+    assert len(again.skipped) == 1 and not again.stale and not run_dir.with_name("seed0.stale-2").exists()
+    changed = run_suite(suite, progress=False, extra=["local.lr=0.01"])
+    assert [k for _, k in changed.stale] == [["local.lr"]] and run_dir.with_name("seed0.stale-2").is_dir()

@@ -1,6 +1,7 @@
 """shn sweep: search-space validation, a 2-worker SQLite sweep that prunes, resumes after an
 interruption without repeating trials and writes a runnable best config, the exact trial budget
-under concurrent workers, and seed → trial-sequence determinism (tiny digits runs)."""
+under concurrent workers (--trials N adds N), a resumed study's new trials differ from its old
+ones, --trials 0, and seed → trial-sequence determinism (tiny digits runs)."""
 
 from __future__ import annotations
 
@@ -55,8 +56,8 @@ def test_space_must_name_valid_config_values(tmp_path):
 
 
 def test_sqlite_two_workers_prune_resume_and_best_config(tmp_path):
-    """2 trials, then an interruption (a trial left RUNNING), then 4 trials in all: only 2 new
-    trials run, the interrupted one is not counted, the bad ones are pruned at their first
+    """2 trials, then an interruption (a trial left RUNNING), then 2 more trials: 2 new trials
+    run, the interrupted one is not counted, the bad ones are pruned at their first
     report by an aggressive MedianPruner, and best.toml runs with `shn run`."""
     cfg = write_config(tmp_path, '"local.lr" = { type = "categorical", choices = [0.05, 0.0] }\n')
     storage, out = f"sqlite:///{tmp_path / 'study.db'}", tmp_path / "sweep"
@@ -74,7 +75,7 @@ def test_sqlite_two_workers_prune_resume_and_best_config(tmp_path):
     study.ask()  # a worker killed mid-trial leaves a RUNNING trial behind
     for _ in range(2):
         study.enqueue_trial({"local.lr": 0.0})
-    second = sweep(cfg, trials=4, storage=storage, workers=2, study_name="tiny", out=out, progress=False, **aggressive)
+    second = sweep(cfg, trials=2, storage=storage, workers=2, study_name="tiny", out=out, progress=False, **aggressive)
 
     trials = study.get_trials()
     assert len(trials) == 5 and second["interrupted"] == [2]
@@ -136,6 +137,46 @@ def test_same_seed_same_trial_sequence(tmp_path):
         runs.append([t.params for t in study.get_trials()])
     assert len(runs[0]) == 3 and runs[0] == runs[1]
     assert len({json.dumps(p, sort_keys=True) for p in runs[0]}) == 3
+
+
+def test_a_resumed_study_never_repeats_its_trials(tmp_path):
+    """Resuming re-seeds the sampler from the study's trial count: the new trials are not the
+    old ones replayed (an identically re-seeded sampler proposed exactly those), and --trials N
+    adds N (also with 2 workers)."""
+    cfg = write_config(tmp_path, '"local.lr" = { type = "float", low = 1e-3, high = 1e-1, log = true }\n'
+                                 '"local.momentum" = { type = "float", low = 0.0, high = 0.9 }\n')
+    storage, out = str(tmp_path / "s.journal"), tmp_path / "out"
+    kwargs = dict(storage=storage, out=out, overrides=["rounds=1"], progress=False, pruner="none")
+    sweep(cfg, trials=2, **kwargs)
+    second = sweep(cfg, trials=2, workers=2, **kwargs)
+    assert second["trials"] == 4 and second["complete"] == 4
+    trials = optuna.load_study(study_name="tiny", storage=open_storage(storage)).get_trials()
+    old = [json.dumps(t.params, sort_keys=True) for t in trials[:2]]
+    new = [json.dumps(t.params, sort_keys=True) for t in trials[2:]]
+    assert not set(old) & set(new), (old, new)
+    third = sweep(cfg, trials=1, **kwargs)
+    assert third["trials"] == 5
+    params = [json.dumps(t.params, sort_keys=True) for t in
+              optuna.load_study(study_name="tiny", storage=open_storage(storage)).get_trials()]
+    assert len(set(params)) == 5
+
+
+def test_trials_zero_on_a_finished_study_says_so_in_one_line(tmp_path, capsys):
+    cfg = write_config(tmp_path, '"local.lr" = { type = "float", low = 1e-3, high = 1e-1, log = true }\n')
+    args = ["sweep", str(cfg), "--storage", str(tmp_path / "s.journal"), "--out", str(tmp_path / "out"),
+            "--no-progress", "--set", "rounds=1"]
+    assert main(args + ["--trials", "0"]) == 2  # no study yet: nothing to report
+    assert "does not exist" in capsys.readouterr().err
+    assert main(args + ["--trials", "1"]) == 0
+    capsys.readouterr()
+    (tmp_path / "out" / "trials.csv").unlink()
+    assert main(args + ["--trials", "0"]) == 0
+    captured = capsys.readouterr()
+    err = captured.err.strip()
+    assert len(err.splitlines()) == 1 and "already has 1 trials (1 complete" in err and "--trials 0 adds none" in err
+    assert json.loads(captured.out)["trials"] == 1 and (tmp_path / "out" / "trials.csv").is_file()
+    assert main(args + ["--trials", "-1"]) == 2
+    assert "--help" not in capsys.readouterr().err
 
 
 def test_python_api_objective_example(tmp_path):
@@ -239,11 +280,12 @@ def test_a_second_command_never_fails_the_live_commands_trial(tmp_path):
     try:
         second = sweep(cfg, trials=2, storage=storage, study_name="tiny", out=out, progress=False, overrides=["rounds=1"])
         assert study.get_trials()[live.number].state.name == "RUNNING"
-        assert second["running"] == 1 and second["complete"] == 1 and second["interrupted"] == []
+        # the command adds its own 2 trials; the live command's trial is left alone
+        assert second["running"] == 1 and second["complete"] == 2 and second["interrupted"] == []
         study.tell(live, 0.5)  # the first command finishes its trial normally
     finally:
         held.close()
     assert study.get_trials()[live.number].state.name == "COMPLETE"
     orphan = study.ask()  # now left RUNNING by a command that died
-    third = sweep(cfg, trials=3, storage=storage, study_name="tiny", out=out, progress=False, overrides=["rounds=1"])
-    assert third["interrupted"] == [orphan.number] and third["complete"] == 3
+    third = sweep(cfg, trials=1, storage=storage, study_name="tiny", out=out, progress=False, overrides=["rounds=1"])
+    assert third["interrupted"] == [orphan.number] and third["complete"] == 4

@@ -1,42 +1,74 @@
 """The client side of every method, shared by all engines: merge the server's weights with the
-client's personal tensors, train locally, return the delta; evaluate on val / test."""
+client's personal tensors, run the method's client side (:mod:`shn.federated.client_method`:
+plain local training unless the method has its own), return the delta; evaluate on val / test."""
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Mapping, MutableMapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, MutableMapping, Sequence
 
 import torch
 from torch import Tensor
 from torch.func import functional_call
 
 from shn.federated.attacks import ClientAttack
-from shn.federated.local import ClientStore, LocalTrainer
+from shn.federated.client_method import ClientFit, ClientMethod, ClientRound
+from shn.federated.local import ClientStore, LocalObjective, LocalTrainer, cohort_trainer
 from shn.target import Params
 from tasks.base import Task
 
 
 class PersonalStore:
-    """Per-client personal tensors (FedPer heads, personal input layers, Local's model).
+    """Per-client personal tensors (FedPer heads, personal input layers, Local's model) and the
+    client method's personal state (Ditto's personal model), neither ever sent.
 
     The in-process engine keeps them in this dict; the Flower engine keeps one per node in its
     ``context.state``. A client seen for the first time starts from the method's initial values,
-    or from its own in ``per_client`` (clients whose personal tensors differ in shape).
+    or from its own in ``per_client`` (clients whose personal tensors differ in shape), and from
+    ``state`` (:meth:`ClientMethod.initial_state`).
     """
 
     def __init__(self, initial: Params, backing: MutableMapping[int, Params] | None = None, *,
-                 per_client: Mapping[int, Params] | None = None) -> None:
+                 per_client: Mapping[int, Params] | None = None, state: Params | None = None) -> None:
         self.initial = initial
         self.values: MutableMapping[int, Params] = {} if backing is None else backing
         self.per_client = dict(per_client or {})
+        self.state_initial = dict(state or {})
 
     def get(self, client: int) -> Params:
-        start = self.per_client.get(client, self.initial)
-        return self.values.get(client) or {k: v.clone() for k, v in start.items()}
+        """The client's personal model tensors."""
+        stored = self.values.get(client)
+        if not stored:
+            start = self.per_client.get(client, self.initial)
+            return {k: v.clone() for k, v in start.items()}
+        if not self.state_initial:
+            return stored
+        return {k: v for k, v in stored.items() if k not in self.state_initial}
 
-    def put(self, client: int, params: Mapping[str, Tensor]) -> None:
-        if self.initial:
-            self.values[client] = {k: params[k].detach().clone() for k in self.initial}
+    def has_state(self, client: int) -> bool:
+        """Whether the client has stored a personal state (it has trained at least once)."""
+        if not self.state_initial:
+            return False
+        stored = self.values.get(client)
+        return bool(stored) and all(k in stored for k in self.state_initial)
+
+    def get_state(self, client: int) -> Params:
+        """The client method's personal state (its initial values until the client stores one)."""
+        if self.has_state(client):
+            stored = self.values[client]
+            return {k: stored[k] for k in self.state_initial}
+        return {k: v.clone() for k, v in self.state_initial.items()}
+
+    def put(self, client: int, params: Mapping[str, Tensor], state: Mapping[str, Tensor] | None = None) -> None:
+        if not self.state_initial:
+            if self.initial:
+                self.values[client] = {k: params[k].detach().clone() for k in self.initial}
+            return
+        entry = {k: params[k].detach().clone() for k in self.initial}
+        entry.update({k: v.detach().clone() for k, v in (state if state is not None else {}).items()})
+        if state is None and self.has_state(client):
+            entry.update(self.get_state(client))
+        self.values[client] = entry
 
     def state_dict(self) -> dict:
         return {int(c): dict(p) for c, p in self.values.items()}
@@ -57,12 +89,13 @@ class ClientRuntime:
     """Runs local training and evaluation for any set of clients held in ``store``."""
 
     def __init__(self, task: Task, trainer: LocalTrainer, store: ClientStore, personal: PersonalStore, *,
-                 attack: "ClientAttack | None" = None) -> None:
+                 attack: "ClientAttack | None" = None, method: ClientMethod | None = None) -> None:
         self.task = task
         self.trainer = trainer
         self.store = store
         self.personal = personal
         self.attack = attack  # simulated malicious clients ([attack]); None: every client is honest
+        self.method = method or ClientMethod()  # the method's client side (plain local training)
 
     def full_weights(self, clients: Sequence[int], server_weights: Mapping[str, Tensor]) -> Params:
         """Server tensors ``[C, *shape]`` plus each client's personal tensors, stacked."""
@@ -94,13 +127,54 @@ class ClientRuntime:
 
     def _fit(self, clients: Sequence[int], server_weights: Mapping[str, Tensor], generator: torch.Generator) -> FitResult:
         if self.trainer.templates:  # architectures differ between clients: nothing can be stacked
-            return self._fit_each(clients, server_weights, generator)
-        start = self.full_weights(clients, server_weights)
-        result = self.trainer.train(start, self.store, clients, generator)
+            if type(self.method) is ClientMethod:
+                return self._fit_each(clients, server_weights, generator)
+            return self._fit_method_each(clients, server_weights, generator)
+        received = self.full_weights(clients, server_weights)
+        round_ = self._round(clients, received, tuple(server_weights),
+                             lambda start, objective: self.trainer.train(start, self.store, clients, generator, objective))
+        fit = self.method.fit(round_)
+        self._keep(clients, fit)
+        deltas = {k: received[k] - fit.model[k] for k in server_weights}
+        return FitResult(deltas, self.store.num_train(clients), fit.loss)
+
+    def _round(self, clients: Sequence[int], received: Params, sent: tuple[str, ...],
+               train: Callable[[Params, LocalObjective | None], Any]) -> ClientRound:
+        clients = [int(c) for c in clients]
+        state: Params = {}
+        if self.personal.state_initial:
+            per_client = [self.personal.get_state(c) for c in clients]
+            state = {k: torch.stack([s[k] for s in per_client]).to(self.store.device) for k in self.personal.state_initial}
+        fresh = torch.tensor([not self.personal.has_state(c) for c in clients], dtype=torch.bool, device=self.store.device)
+        return ClientRound(clients, received, sent, state, fresh, train)
+
+    def _keep(self, clients: Sequence[int], fit: ClientFit) -> None:
+        """Store each client's personal model tensors and personal state (never sent)."""
         for i, c in enumerate(clients):
-            self.personal.put(int(c), {k: v[i] for k, v in result.params.items()})
-        deltas = {k: start[k] - result.params[k] for k in server_weights}
-        return FitResult(deltas, self.store.num_train(clients), result.loss)
+            state = {k: v[i] for k, v in fit.state.items()} if self.personal.state_initial else None
+            self.personal.put(int(c), {k: v[i] for k, v in fit.model.items()}, state)
+
+    def _fit_method_each(self, clients: Sequence[int], server_weights: Mapping[str, Tensor],
+                         generator: torch.Generator) -> FitResult:
+        """A client method on clients whose architectures differ: each client alone, with its
+        own architecture and its column of the cohort's minibatch draw (exactly as the Flower
+        engine trains it), from a copy of the round's generator."""
+        clients = [int(c) for c in clients]
+        deltas: list[Params] = []
+        losses = []
+        for i, (c, start) in enumerate(zip(clients, self.client_weights(clients, server_weights))):
+            trainer = cohort_trainer(self.trainer.for_client(c), i, len(clients))
+            gen = torch.Generator(device=generator.device)
+            gen.set_state(generator.get_state())
+            received = {k: v.unsqueeze(0) for k, v in start.items()}
+            round_ = self._round([c], received, tuple(server_weights),
+                                 lambda s, o, t=trainer, g=gen, c=c: t.train(s, self.store, [c], g, o))
+            fit = self.method.fit(round_)
+            self._keep([c], fit)
+            deltas.append({k: received[k][0] - fit.model[k][0] for k in server_weights})
+            losses.append(fit.loss[0])
+        stacked = {k: torch.stack([d[k] for d in deltas]) for k in server_weights}
+        return FitResult(stacked, self.store.num_train(clients), torch.stack(losses))
 
     def _fit_each(self, clients: Sequence[int], server_weights: Mapping[str, Tensor], generator: torch.Generator) -> FitResult:
         start = self.client_weights(clients, server_weights)
@@ -116,6 +190,10 @@ class ClientRuntime:
         """``{client: {"val_accuracy": ..., "test_accuracy": ...}}`` with each client's own weights."""
         out: dict[int, dict[str, float]] = {}
         for c, p in zip(clients, self.client_weights(clients, server_weights)):
+            if self.personal.state_initial:
+                has = self.personal.has_state(int(c))
+                state = {k: v.to(self.store.device) for k, v in self.personal.get_state(int(c)).items()} if has else None
+                p = self.method.eval_weights(p, state)
             template = self.trainer.template_for(int(c))
             row: dict[str, float] = {}
             for split in splits:

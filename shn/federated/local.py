@@ -11,12 +11,18 @@ Two execution paths with identical maths and identical minibatch indices:
 ``mode = "auto"`` picks by a documented rule (loop for convolutional targets on CPU, vmap
 otherwise) rather than by timing, so the same config always takes the same path and gives
 bit-identical numbers.
+
+Client-side methods (:mod:`shn.federated.client_method`) change a training phase through a
+:class:`LocalObjective`: an extra loss term (FedProx's proximal pull), the tensors trained (FedRep's
+head, then body), the number of steps and the optimiser. Both paths run it, vmap-batched in the
+``vmap`` path. Without one (``objective=None``) training is plain SGD on the task loss.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Callable, Mapping, Sequence
+import copy
+from dataclasses import dataclass, replace
+from typing import Any, Callable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -73,7 +79,47 @@ class ClientStore:
 @dataclass
 class LocalResult:
     params: Params  # trained weights {name: [C, *shape]}
-    loss: Tensor  # mean training loss over the K steps, [C]
+    loss: Tensor  # mean training (task) loss over the K steps, [C]
+
+
+# A functional optimiser step for C clients at once: (params, grads, state, config) -> (params, state),
+# every tensor with a leading client dim; the state starts as None (see sgd_step, adam_step).
+LocalOptimizer = Callable[[Params, Params, Any, LocalConfig], tuple[Params, Any]]
+# An extra local loss term for ONE client: (params {name: [*shape]}, anchor {name: [*shape]}) -> 0-d
+# tensor; it must be vmap-safe (plain tensor maths, no Python branching on values).
+Penalty = Callable[[Params, Params], Tensor]
+
+
+@dataclass(frozen=True)
+class LocalObjective:
+    """How one local-training phase differs from plain SGD on the task loss.
+
+    Attributes:
+        penalty: added to the task loss at every step (e.g. FedProx's ``mu/2 ||w - w_global||^2``);
+            it sees one client's full weights and its row of ``anchor``.
+        anchor: ``{name: [C, *shape]}``, the penalty's reference point per client (e.g. the
+            weights the server sent this round).
+        trainable: the tensors this phase trains; the others stay fixed (FedRep's head phase,
+            then body phase). ``None``: all of them.
+        steps: this phase's local steps (``None``: ``local.steps``).
+        optimizer: the optimiser step (``None``: :func:`sgd_step`, momentum and weight decay from
+            ``[local]``); its state starts fresh in every phase.
+
+    The reported loss is the task loss alone, so that methods with and without a penalty
+    report comparable training losses.
+    """
+
+    penalty: Penalty | None = None
+    anchor: Params | None = None
+    trainable: frozenset[str] | None = None
+    steps: int | None = None
+    optimizer: LocalOptimizer | None = None
+
+    def __post_init__(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise ValueError(f"LocalObjective.steps: must be >= 1, got {self.steps}")
+        if self.penalty is not None and self.anchor is None:
+            raise ValueError("LocalObjective: a penalty needs an anchor ({name: [C, *shape]}, e.g. the received weights)")
 
 
 def uses_convolution(module: nn.Module) -> bool:
@@ -98,9 +144,7 @@ class LocalTrainer:
         self.config = config
         self.templates = dict(templates or {})
 
-        def client_loss(p: Params, x: Tensor, *targets: Tensor) -> Tensor:
-            return self.loss(functional_call(self.template, p, (x,)), *targets)
-
+        client_loss = self._loss_of(template)
         self._vgrad = vmap(grad_and_value(client_loss))
         self._grad = autograd_grad_and_value(client_loss)
         self._client_grads = {int(c): autograd_grad_and_value(self._loss_of(t)) for c, t in self.templates.items()}
@@ -108,17 +152,40 @@ class LocalTrainer:
     def _loss_of(self, template: nn.Module) -> Callable[..., Tensor]:
         return lambda p, x, *targets: self.loss(functional_call(template, p, (x,)), *targets)
 
+    def _objective_loss(self, template: nn.Module, penalty: Penalty | None) -> Callable[..., tuple[Tensor, Tensor]]:
+        """``(trainable, frozen, anchor, x, *targets) -> (task loss + penalty, task loss)``."""
+
+        def loss(trainable: Params, frozen: Params, anchor: Params, x: Tensor, *targets: Tensor) -> tuple[Tensor, Tensor]:
+            p = {**frozen, **trainable}
+            task = self.loss(functional_call(template, p, (x,)), *targets)
+            return (task + penalty(p, anchor) if penalty is not None else task), task
+
+        return loss
+
     def template_for(self, client: int) -> nn.Module:
         """The architecture client ``client`` runs (the shared template unless it has its own)."""
         return self.templates.get(int(client), self.template)
+
+    def for_client(self, client: int) -> "LocalTrainer":
+        """A copy of this trainer that trains ``client`` alone with its own architecture (the
+        loop path; any ``minibatch_uniforms`` override, e.g. :func:`cohort_trainer`'s, is kept)."""
+        template = self.template_for(client)
+        out = copy.copy(self)
+        out.template, out.templates, out._client_grads = template, {}, {}
+        out.config = replace(self.config, mode="loop")
+        client_loss = self._loss_of(template)
+        out._vgrad, out._grad = vmap(grad_and_value(client_loss)), autograd_grad_and_value(client_loss)
+        return out
 
     def resolve_mode(self, device: torch.device) -> str:
         if self.config.mode != "auto":
             return self.config.mode
         return "loop" if device.type == "cpu" and uses_convolution(self.template) else "vmap"
 
-    def train(self, params: Mapping[str, Tensor], store: ClientStore, clients: Sequence[int], generator: torch.Generator) -> LocalResult:
-        """Train C clients starting from ``params {name: [C, *shape]}`` on their train splits."""
+    def train(self, params: Mapping[str, Tensor], store: ClientStore, clients: Sequence[int], generator: torch.Generator,
+              objective: LocalObjective | None = None) -> LocalResult:
+        """Train C clients starting from ``params {name: [C, *shape]}`` on their train splits;
+        ``objective`` changes the phase (extra loss term, trained tensors, steps, optimiser)."""
         cfg = self.config
         clients = [int(c) for c in clients]
         C = len(clients)
@@ -128,6 +195,8 @@ class LocalTrainer:
             if cfg.mode == "vmap":
                 raise ValueError("local.mode = 'vmap' needs clients whose data shapes agree; use 'loop' or 'auto'")
             mode = "loop"  # auto: clients whose data shapes differ cannot be stacked
+        if objective is not None:
+            return self._train_objective(params, store, clients, generator, objective, mode)
         local_idx = self.minibatch_indices(generator, store, clients)
         p = {k: v.detach().clone() for k, v in params.items()}
         buf: Params | None = None
@@ -144,6 +213,49 @@ class LocalTrainer:
             losses += loss.detach()
             p, buf = sgd_step(p, grads, buf, cfg)
         return LocalResult(p, losses / cfg.steps)
+
+    def _train_objective(self, params: Mapping[str, Tensor], store: ClientStore, clients: list[int],
+                         generator: torch.Generator, objective: LocalObjective, mode: str) -> LocalResult:
+        """:meth:`train` for a phase with a :class:`LocalObjective`: the same minibatch stream and
+        paths; the frozen tensors and the anchor travel as further (vmapped) arguments."""
+        cfg = self.config
+        steps = objective.steps or cfg.steps
+        trainable = set(params) if objective.trainable is None else set(objective.trainable)
+        unknown = sorted(trainable - set(params))
+        if unknown:
+            raise ValueError(f"LocalObjective.trainable names {unknown[:5]}, which are not among the weights {sorted(params)[:8]}")
+        step_fn = objective.optimizer or sgd_step
+        anchor = {k: v.detach() for k, v in (objective.anchor or {}).items()}
+        p = {k: v.detach().clone() for k, v in params.items() if k in trainable}
+        frozen = {k: v.detach() for k, v in params.items() if k not in trainable}
+        loss_fn = self._objective_loss(self.template, objective.penalty)
+        local_idx = self.minibatch_indices(generator, store, clients, steps)
+        device = next(iter(params.values())).device
+        losses = torch.zeros(len(clients), device=device)
+        state: Any = None
+        if mode == "vmap":
+            vgrad = vmap(grad_and_value(loss_fn, has_aux=True))
+            offsets = torch.tensor([store.offsets[c] for c in clients], dtype=torch.long)
+            global_idx = (local_idx + offsets[None, :, None]).to(store.device)
+        else:
+            grad = autograd_grad_and_value(loss_fn, has_aux=True)
+        for step in range(steps):
+            if mode == "vmap":
+                batch = tuple(t[global_idx[step]] for t in store.concat)
+                grads, (_, task) = vgrad(p, frozen, anchor, *batch)
+            else:
+                per_grad, per_task = [], []
+                for i, c in enumerate(clients):
+                    train = store.split(c, "train")
+                    rows = local_idx[step, i].to(train[0].device)
+                    row = lambda d: {k: v[i] for k, v in d.items()}  # noqa: E731
+                    g, (_, t) = grad(row(p), row(frozen), row(anchor), *(x[rows] for x in train))
+                    per_grad.append(g)
+                    per_task.append(t)
+                grads, task = {k: torch.stack([g[k] for g in per_grad]) for k in p}, torch.stack(per_task)
+            losses += task.detach()
+            p, state = step_fn(p, grads, state, cfg)
+        return LocalResult({k: p[k] if k in p else frozen[k].clone() for k in params}, losses / steps)
 
     def train_each(self, params: Sequence[Mapping[str, Tensor]], store: ClientStore, clients: Sequence[int],
                    generator: torch.Generator) -> tuple[list[Params], Tensor]:
@@ -170,19 +282,21 @@ class LocalTrainer:
             losses.append(total / cfg.steps)
         return trained, torch.stack(losses)
 
-    def minibatch_indices(self, generator: torch.Generator, store: ClientStore, clients: Sequence[int]) -> Tensor:
+    def minibatch_indices(self, generator: torch.Generator, store: ClientStore, clients: Sequence[int],
+                          steps: int | None = None) -> Tensor:
         """Each client's local sample indices ``[steps, C, batch_size]`` (long). One draw for every
         (step, client, sample): both paths see the same minibatches."""
-        u = self.minibatch_uniforms(generator, len(clients))
+        u = self.minibatch_uniforms(generator, len(clients), steps)
         sizes = store.num_train(clients).to(torch.float64)
         return (u * sizes[None, :, None]).long().clamp_max_((sizes - 1).long()[None, :, None])
 
-    def minibatch_uniforms(self, generator: torch.Generator, num_clients: int) -> Tensor:
+    def minibatch_uniforms(self, generator: torch.Generator, num_clients: int, steps: int | None = None) -> Tensor:
         """The uniforms behind every minibatch index, ``[steps, C, batch_size]`` float64, drawn once
         for the round's whole cohort. An engine that trains one client of a larger cohort on its
-        own (``shn.flower``) overrides this to take that client's column of the cohort's draw."""
+        own (``shn.flower``) overrides this to take that client's column of the cohort's draw
+        (:func:`cohort_trainer`)."""
         cfg = self.config
-        return torch.rand(cfg.steps, num_clients, cfg.batch_size, generator=generator, dtype=torch.float64)
+        return torch.rand(steps or cfg.steps, num_clients, cfg.batch_size, generator=generator, dtype=torch.float64)
 
     def _loop_grads(self, p: Params, store: ClientStore, clients: list[int], idx: Tensor) -> tuple[Params, Tensor]:
         per_grad, per_loss = [], []
@@ -195,18 +309,38 @@ class LocalTrainer:
         return {k: torch.stack([g[k] for g in per_grad]) for k in p}, torch.stack(per_loss)
 
 
-def autograd_grad_and_value(loss: Callable[..., Tensor]) -> Callable[..., tuple[Params, Tensor]]:
-    """``torch.func.grad_and_value(loss)`` for ONE client, by plain autograd: bit-identical
-    results, and 1.3–1.5× faster on CPU for the small targets here (no functorch wrapping per op),
-    which is what the per-client loop pays for at every step."""
+def cohort_trainer(trainer: LocalTrainer, slot: int, cohort: int) -> LocalTrainer:
+    """A copy of ``trainer`` that trains one client alone with exactly the minibatches it gets
+    in a cohort of ``cohort``: its column ``slot`` of the draw made for the whole cohort (every
+    phase draws again, as the cohort does). The Flower engine trains each client this way, and
+    the in-process engine does for clients whose architectures differ."""
+    if not 0 <= slot < cohort:
+        raise ValueError(f"slot {slot} outside a cohort of {cohort}")
+    out = copy.copy(trainer)
 
-    def grad_and_value_(p: Params, *args: Tensor) -> tuple[Params, Tensor]:
+    def minibatch_uniforms(generator: torch.Generator, num_clients: int, steps: int | None = None) -> Tensor:
+        if num_clients != 1:
+            raise ValueError("a cohort trainer trains exactly one client")
+        return trainer.minibatch_uniforms(generator, cohort, steps)[:, slot:slot + 1]
+
+    out.minibatch_uniforms = minibatch_uniforms  # type: ignore[method-assign]
+    return out
+
+
+def autograd_grad_and_value(loss: Callable[..., Any], has_aux: bool = False) -> Callable[..., tuple[Params, Any]]:
+    """``torch.func.grad_and_value(loss, has_aux)`` for ONE client, by plain autograd: bit-identical
+    results, and 1.3–1.5× faster on CPU for the small targets here (no functorch wrapping per op),
+    which is what the per-client loop pays for at every step. With ``has_aux`` the loss returns
+    ``(value, aux)`` and so does the second result."""
+
+    def grad_and_value_(p: Params, *args: Any) -> tuple[Params, Any]:
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in p.items()}
-            value = loss(leaves, *args)
+            out = loss(leaves, *args)
+            value, aux = out if has_aux else (out, None)
             grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
-        return ({k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)},
-                value.detach())
+        grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
+        return (grads, (value.detach(), aux.detach())) if has_aux else (grads, value.detach())
 
     return grad_and_value_
 
@@ -222,3 +356,23 @@ def sgd_step(p: Params, grads: Params, buf: Params | None, cfg: LocalConfig) -> 
         buf = d if buf is None else {k: cfg.momentum * buf[k] + d[k] for k in d}
         d = buf
     return {k: p[k] - cfg.lr * d[k] for k in p}, buf
+
+
+def adam_step(p: Params, grads: Params, state: Any, cfg: LocalConfig, betas: tuple[float, float] = (0.9, 0.999),
+              eps: float = 1e-8) -> tuple[Params, Any]:
+    """One ``torch.optim.Adam`` step (L2 weight decay as Adam's ``weight_decay``) after
+    ``clip_grad_norm_``, per client (leading dim C); lr from ``cfg.lr``. A :data:`LocalOptimizer`."""
+    if cfg.grad_clip > 0:
+        sq = sum(g.detach().flatten(1).pow(2).sum(1) for g in grads.values())
+        coef = (cfg.grad_clip / (sq.sqrt() + 1e-6)).clamp(max=1.0)
+        grads = {k: g * coef.view(-1, *[1] * (g.dim() - 1)) for k, g in grads.items()}
+    d = {k: g + cfg.weight_decay * p[k] if cfg.weight_decay else g for k, g in grads.items()}
+    step, m, v = state if state is not None else (0, {k: torch.zeros_like(x) for k, x in d.items()},
+                                                  {k: torch.zeros_like(x) for k, x in d.items()})
+    step += 1
+    b1, b2 = betas
+    m = {k: b1 * m[k] + (1 - b1) * d[k] for k in d}
+    v = {k: b2 * v[k] + (1 - b2) * d[k] * d[k] for k in d}
+    c1, c2 = 1 - b1 ** step, 1 - b2 ** step
+    new = {k: p[k] - cfg.lr * (m[k] / c1) / ((v[k] / c2).sqrt() + eps) for k in p}
+    return new, (step, m, v)

@@ -18,6 +18,10 @@ __all__ = [
 
 
 def __getattr__(name: str) -> Any:
+    if name == "simulate":
+        from shn.flower.simulation import simulate
+
+        return simulate
     if name in __all__:
         from shn.flower import engine
 

@@ -10,7 +10,7 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
     import logging
 
     from shn.federated.records import dumps_json
-    from shn.flower.engine import simulate
+    from shn.flower.simulation import simulate
 
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines; no duplicates
     result = simulate(args.config, overrides=args.overrides, supernodes=args.supernodes, run_dir=args.out,
@@ -30,13 +30,14 @@ def add_flower_parser(sub: Any) -> None:
     """
     p = sub.add_parser("flower", help="run on Flower: simulation here; deployment via flwr run (README: Running across machines with Flower)")
     fsub = p.add_subparsers(dest="flower_command", required=True)
-    s = fsub.add_parser("simulate", help="the Flower app on Flower's Ray simulation backend, in this process")
+    s = fsub.add_parser("simulate", help="the Flower app on Flower's simulation runtime (flwr run against a "
+                                         "SuperLink in simulation mode that this command starts and stops)")
     s.add_argument("config", help="TOML config file (as for shn run)")
     s.add_argument("--supernodes", type=int, default=None, help="simulated SuperNodes (default: the task's clients)")
     s.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set rounds=5 (repeatable)")
     s.add_argument("--out", default=None, help="run directory (default runs/flower/<method>-<task>-seed<seed>)")
     s.add_argument("--force", action="store_true", help="replace a run found in --out (else it is refused)")
-    s.add_argument("--cpus-per-client", type=float, default=1.0, help="Ray CPUs per ClientApp (default 1)")
-    s.add_argument("--flower-verbose", action="store_true", help="Flower's verbose logging")
+    s.add_argument("--cpus-per-client", type=int, default=1, help="CPUs per simulated ClientApp (a whole number, default 1)")
+    s.add_argument("--flower-verbose", action="store_true", help="Flower's verbose logging, and print the run's log")
     s.set_defaults(func=_cmd_simulate)

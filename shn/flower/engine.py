@@ -26,8 +26,10 @@ Protocol (Flower Message API, one SuperNode = one client, identity = ``partition
   (:func:`shn.federated.validation.validate_metrics`: the task's metric names only, finite,
   within each metric's range); a rejected one is logged and counted in ``rejected_evaluations``.
 
-Personal tensors (FedPer heads, personal input layers, Local's whole model) live in the node's
-``context.state`` (ArrayRecord ``shn.personal.<client>``) and are never sent.
+Personal tensors (FedPer heads, personal input layers, Local's whole model) and a client method's
+personal state (Ditto's personal model; :mod:`shn.federated.client_method`) live in the node's
+``context.state`` (ArrayRecord ``shn.personal.<client>``) and are never sent. The ClientApp runs
+the method's client side through the same ``ClientRuntime`` as in-process.
 
 Run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, ``--run-config``):
 
@@ -46,7 +48,7 @@ Run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, ``--run
                     up like ``config``); "" = none (contested partitions are dropped).
 ==================  =======================================================================
 
-Any other key given programmatically (``run_simulation`` defaults, tests) is an override too:
+Any other key given programmatically (``make_server_app`` defaults, tests) is an override too:
 ``"server.lr" = 0.01``; dashes become underscores (``"local.batch-size"``). Flower itself only
 accepts ``--run-config`` keys that the app's pyproject declares, hence ``overrides``.
 """
@@ -57,7 +59,6 @@ import copy
 import dataclasses
 import logging
 import math
-import os
 import shlex
 import time
 import tomllib
@@ -77,13 +78,14 @@ from flwr.serverapp import ServerApp
 from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, dumps_toml, read_config
 from shn.federated.algorithm import eval_weights
 from shn.federated.client import ClientRuntime
-from shn.federated.local import LocalTrainer
+from shn.federated.local import cohort_trainer
 from shn.federated.records import atomic_write_text
 from shn.federated.simulation import RoundFaults, Simulation, write_summary
 from shn.flower.grid import InProcessGrid
 from shn.federated.validation import expected_metric_keys, validate_metrics
 from shn.flower.identity import discover_clients, load_partition_map
 from shn.flower.identity import message as _message
+from shn.plugins import load_from_env
 from shn.registry import METHODS
 from shn.rundir import claim
 from shn.runner import INFERRED_GRAPHS, Built, RunResult, build, make_summary, make_task
@@ -361,6 +363,7 @@ def make_server_app(app_dir: str | Path | None = None, defaults: Mapping[str, An
 
     @app.main()
     def main(grid: Any, context: Any) -> None:
+        load_from_env()  # plugin methods / tasks / encoders: entry points and SHN_PLUGINS
         run_config = {**dict(defaults or {}), **dict(context.run_config or {})}
         config, settings = resolve_run_config(run_config, app_dir)
         result = run_federation(grid, config, settings)
@@ -372,22 +375,6 @@ def make_server_app(app_dir: str | Path | None = None, defaults: Mapping[str, An
 
 # ----------------------------------------------------------------------------------------------
 # the client
-
-def cohort_trainer(trainer: LocalTrainer, slot: int, cohort: int) -> LocalTrainer:
-    """A copy of ``trainer`` that trains one client alone with exactly the minibatches it gets
-    in-process: its column ``slot`` of the draw made for the round's whole cohort of ``cohort``."""
-    if not 0 <= slot < cohort:
-        raise ValueError(f"slot {slot} outside a cohort of {cohort}")
-    out = copy.copy(trainer)
-
-    def minibatch_uniforms(generator: torch.Generator, num_clients: int) -> Tensor:
-        if num_clients != 1:
-            raise ValueError("a cohort trainer trains exactly one client")
-        return trainer.minibatch_uniforms(generator, cohort)[:, slot:slot + 1]
-
-    out.minibatch_uniforms = minibatch_uniforms  # type: ignore[method-assign]
-    return out
-
 
 class StatePersonal(MutableMapping):
     """``PersonalStore`` backing in a node's ``context.state``: client -> ArrayRecord
@@ -446,6 +433,7 @@ def client_built(text: str, client: int, node_config: Mapping[str, Any] | None =
     node_config = dict(node_config or {})
     key = (text, client, str(node_config.get("data-dir", "")))
     if key not in _BUILT:
+        load_from_env()  # this process's plugins (its entry points and SHN_PLUGINS), never the server's
         config = _client_config(text, node_config)
         tkey = config_text(config)
         if tkey not in _TASKS:
@@ -460,7 +448,8 @@ def _runtime(built: Built, context: Any, slot: int = 0, cohort: int = 1) -> Clie
     personal = copy.copy(built.runtime.personal)  # same initial values, another backing
     personal.values = StatePersonal(context.state)
     return ClientRuntime(built.task, cohort_trainer(built.runtime.trainer, slot, cohort), built.runtime.store, personal,
-                         attack=built.runtime.attack)  # [attack]: the same malicious clients as in-process
+                         attack=built.runtime.attack,  # [attack]: the same malicious clients as in-process
+                         method=built.runtime.method)
 
 
 def _received(msg: Any, context: Any) -> tuple[Built, int, Mapping[str, Any], dict[str, Tensor]]:
@@ -512,28 +501,3 @@ def run_in_process(config: RunConfig, *, run_dir: str | Path | None = None, clie
     task = make_task(config)
     grid = grid or InProcessGrid(client_app or make_client_app(), task.num_clients)
     return run_federation(grid, config, EngineSettings(run_dir=Path(run_dir) if run_dir else None, overwrite=overwrite))
-
-
-# ----------------------------------------------------------------------------------------------
-# Ray simulation
-
-def simulate(config_path: str | Path, *, overrides: Sequence[str] = (), supernodes: int | None = None,
-             run_dir: str | Path | None = None, cpus_per_client: float = 1.0, extra: Mapping[str, Any] | None = None,
-             verbose: bool = False, overwrite: bool = False) -> RunResult:
-    """Run the Flower app with the Ray simulation backend in this process (no SuperLink)."""
-    from flwr.simulation import run_simulation  # imports Ray
-
-    run_config = {"config": str(Path(config_path).resolve()), "overrides": shlex.join(list(overrides)),
-                  "run-dir": str(run_dir or ""), "overwrite": overwrite, **dict(extra or {})}
-    config, settings = resolve_run_config(run_config)
-    if supernodes is None:
-        supernodes = make_task(config).num_clients
-    results: list[RunResult] = []
-    server_app = make_server_app(defaults=run_config, on_result=results.append)
-    backend = {"client_resources": {"num_cpus": cpus_per_client, "num_gpus": 0.0},
-               "init_args": {"num_cpus": os.cpu_count() or 1, "include_dashboard": False}}
-    run_simulation(server_app=server_app, client_app=make_client_app(), num_supernodes=int(supernodes),
-                   backend_config=backend, verbose_logging=verbose)
-    if not results:
-        raise RuntimeError("the Flower simulation ended without a result (see the log above)")
-    return results[0]

@@ -32,45 +32,89 @@ def _plt():
     return plt
 
 
-def plot_curves(groups: Sequence[Group], path: Path) -> bool:
+def _split_name(metric: str) -> str:
+    split, _, name = metric.partition("_")
+    return {"val": "validation", "test": "test"}.get(split, split) + " " + name.replace("_", " ")
+
+
+def _updates_offset(run: Run) -> int:
+    """Client updates spent before this run's recorded curve: a pipeline run's stage 1."""
+    budget = run.summary.get("budget")
+    if isinstance(budget, Mapping) and isinstance(budget.get("stage1_client_updates"), int):
+        return int(budget["stage1_client_updates"])
+    return 0
+
+
+def _curve(run: Run, metric: str) -> dict[int, tuple[float, float]]:
+    """``{round: (client updates so far, value)}`` of one run: the records' ``client_updates``
+    (older records without it: round × clients_per_round), after the pipeline's stage 1."""
+    offset = _updates_offset(run)
+    per_round = run.config.get("clients_per_round")
+    if per_round is None:  # not in the recorded config: it ran with the default
+        from shn.config import RunConfig
+
+        per_round = RunConfig.clients_per_round
+    out = {}
+    for h in run.history:
+        value, r = h.get(metric), h.get("round")
+        if not isinstance(value, (int, float)) or isinstance(value, bool) or not isinstance(r, int):
+            continue
+        updates = h.get("client_updates")
+        if not isinstance(updates, (int, float)):
+            if not isinstance(per_round, int):
+                continue
+            updates = r * per_round
+        out[r] = (offset + float(updates), float(value))
+    return out
+
+
+def plot_curves(groups: Sequence[Group], path: Path) -> dict[str, Any] | None:
+    """Validation primary metric vs client updates (local trainings so far, a pipeline's stage 1
+    included), mean over seeds with a ±1 std band; None when no run has a curve. Returns what
+    was drawn (labels, scale, each series' points) for the report and tests."""
     plt = _plt()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(7.5, 4.8))
     metric = "val_" + groups[0].primary.removeprefix("test_")
-    drawn = False
+    drawn: dict[str, Any] = {"series": {}}
+    seeds: set[int] = set()
+    staged = False
     for g in groups:
-        series = []
-        for r in g.runs:
-            pts = {int(h["round"]): float(h[metric]) for h in r.history
-                   if metric in h and isinstance(h[metric], (int, float)) and "round" in h}
-            if pts:
-                series.append(pts)
+        series = [c for c in (_curve(r, metric) for r in g.runs) if c]
         if not series:
             continue
-        rounds = sorted(set.intersection(*(set(s) for s in series)))
+        rounds = sorted(set.intersection(*(set(c) for c in series)))
         if not rounds:
             continue
-        ys = np.array([[s[r] for r in rounds] for s in series])
+        xs = np.array([[c[r][0] for r in rounds] for c in series]).mean(axis=0)
+        ys = np.array([[c[r][1] for r in rounds] for c in series])
         mean = ys.mean(axis=0)
-        line, = ax.plot(rounds, mean, marker="o", ms=3, label=f"{g.method} (n={len(series)})")
-        if len(series) > 1:
+        n = len(series)
+        band = ", band ±1 std" if n > 1 else ""
+        line, = ax.plot(xs, mean, marker="o", ms=3, label=f"{g.method} (n={n} seed{'s' if n > 1 else ''}{band})")
+        if n > 1:
             std = ys.std(axis=0, ddof=1)
-            ax.fill_between(rounds, mean - std, mean + std, color=line.get_color(), alpha=0.15)
-        drawn = True
-    if not drawn:
+            ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
+        drawn["series"][g.method] = {"x": xs.tolist(), "y": mean.tolist(), "n": n}
+        seeds.update(r.seed for r in g.runs)
+        staged = staged or any(_updates_offset(r) for r in g.runs)
+    if not drawn["series"]:
         plt.close(fig)
-        return False
-    from matplotlib.ticker import MaxNLocator
-
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("round")
-    ax.set_ylabel(metric)
-    ax.set_title(f"{groups[0].setting}: {metric} (mean over seeds)")
+        return None
+    ns = sorted({v["n"] for v in drawn["series"].values()})
+    xlabel = "client updates (local trainings so far" + ("; pipeline runs include stage 1" if staged else "") + ")"
+    ylabel = f"{_split_name(metric)} ({metric})"
+    title = (f"{groups[0].setting}: {_split_name(metric)} during training — mean over seeds "
+             f"(n = {', '.join(map(str, ns))}); the tables report test")
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=9)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    drawn.update(xlabel=xlabel, ylabel=ylabel, title=title, seeds=sorted(seeds))
+    return drawn
 
 
 def spring_layout(adj: np.ndarray, seed: int = 0, iterations: int = 200) -> np.ndarray:
@@ -232,25 +276,31 @@ def _distinct(groups: Sequence[Group], x_of) -> int:
 
 
 def plot_xy(groups: Sequence[Group], x_of, x_label: str, strip_key: str, path: Path, title: str,
-            energy: bool = False, integer_x: bool = False, xlim: tuple[float, float] | None = None) -> bool:
-    """Test primary metric (and optionally the Dirichlet energy) vs a per-run x, one series per
-    method label without ``strip_key``; points are runs, lines join the per-x means."""
+            energy: bool = False, integer_x: bool = False, xlim: tuple[float, float] | None = None,
+            log2_x: bool = False) -> dict[str, Any] | None:
+    """Test primary metric (and optionally the Dirichlet energy, on a log axis) vs a per-run x,
+    one series per method label without ``strip_key``; points are runs, lines join the per-x
+    means over seeds. ``log2_x``: a base-2 log x axis (depths 1, 2, 4, 8). The seed count is in
+    the title. Returns what was drawn, or None."""
     plt = _plt()
-    series: dict[str, list[tuple[float, float, float | None]]] = {}
+    series: dict[str, list[tuple[float, float, float | None, int]]] = {}
     for g in groups:
         for r in g.runs:
             x, y = x_of(r), r.metric(r.primary)
             if x is None or y is None:
                 continue
             series.setdefault(_strip_label(g.method, strip_key), []).append(
-                (float(x), y, r.metric("encoder_dirichlet_energy")))
+                (float(x), y, r.metric("encoder_dirichlet_energy"), r.seed))
     if not series:
-        return False
-    has_energy = energy and any(e is not None for pts in series.values() for _, _, e in pts)
+        return None
+    has_energy = energy and any(e is not None for pts in series.values() for _, _, e, _ in pts)
     ncols = 2 if energy else 1
     fig, axes = plt.subplots(1, ncols, figsize=(6 * ncols, 4.5), squeeze=False)
     ax = axes[0, 0]
     primary = groups[0].primary
+    per_x = [len([p for p in pts if p[0] == x]) for pts in series.values() for x in {p[0] for p in pts}]
+    ns = sorted(set(per_x))
+    log2_x = log2_x and all(p[0] > 0 for pts in series.values() for p in pts)
     for name, pts in sorted(series.items()):
         xs = sorted({p[0] for p in pts})
         means = [np.mean([p[1] for p in pts if p[0] == x]) for x in xs]
@@ -261,29 +311,51 @@ def plot_xy(groups: Sequence[Group], x_of, x_label: str, strip_key: str, path: P
             if e_pts:
                 ex = sorted({p[0] for p in e_pts})
                 axes[0, 1].plot(ex, [np.mean([e for x, e in e_pts if x == v]) for v in ex], marker="o", label=name)
-    if integer_x:
-        from matplotlib.ticker import MaxNLocator
+    for a in axes[0]:
+        if log2_x:
+            from matplotlib.ticker import FixedLocator, NullLocator, ScalarFormatter
 
-        for a in axes[0]:
+            a.set_xscale("log", base=2)
+            ticks = sorted({p[0] for pts in series.values() for p in pts})
+            a.xaxis.set_major_locator(FixedLocator(ticks))
+            a.xaxis.set_major_formatter(ScalarFormatter())
+            a.xaxis.set_minor_locator(NullLocator())
+        elif integer_x:
+            from matplotlib.ticker import MaxNLocator
+
             a.xaxis.set_major_locator(MaxNLocator(integer=True))
     if xlim is not None:
         ax.set_xlim(*xlim)
-    ax.set_xlabel(x_label)
-    ax.set_ylabel(primary)
+    shown_x = x_label + (" (log2 scale)" if log2_x else "")
+    ax.set_xlabel(shown_x)
+    ax.set_ylabel(f"{_split_name(primary)} ({primary})")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=7)
+    energy_scale = None
     if energy:
         ex_ax = axes[0, 1]
-        ex_ax.set_xlabel(x_label)
-        ex_ax.set_ylabel("encoder Dirichlet energy")
+        ex_ax.set_xlabel(shown_x)
         ex_ax.grid(alpha=0.3)
         if has_energy:
+            values = [p[2] for pts in series.values() for p in pts if p[2] is not None]
+            positive = [v for v in values if v > 0]
+            if positive and len(positive) == len(values):
+                ex_ax.set_yscale("log")
+                energy_scale = "log"
+            elif positive:  # zeros (total over-smoothing) stay visible below the smallest positive value
+                ex_ax.set_yscale("symlog", linthresh=min(positive))
+                energy_scale = "symlog"
+            ex_ax.set_ylabel(f"encoder Dirichlet energy ({energy_scale or 'linear'} scale)")
             ex_ax.legend(fontsize=7)
         else:
+            ex_ax.set_ylabel("encoder Dirichlet energy")
             ex_ax.text(0.5, 0.5, "encoder_dirichlet_energy\nnot recorded in these summaries", ha="center",
                        va="center", transform=ex_ax.transAxes, fontsize=9, color="0.4")
-    fig.suptitle(title, fontsize=10)
+    full_title = (f"{title} — n = {', '.join(map(str, ns))} seed{'s' if ns != [1] else ''} per point "
+                  "(lines: means over seeds, dots: runs)")
+    fig.suptitle(full_title, fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
-    return True
+    return {"xlabel": shown_x, "xscale": "log2" if log2_x else "linear", "energy_scale": energy_scale,
+            "title": full_title, "series": {k: sorted({p[0] for p in v}) for k, v in series.items()}}

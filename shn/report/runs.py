@@ -9,6 +9,7 @@ options that vary), as described in :mod:`shn.report`.
 from __future__ import annotations
 
 import json
+import logging
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -17,9 +18,11 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-__all__ = ["IGNORED_KEYS", "Group", "Run", "find_runs", "flatten", "group_runs", "load"]
+__all__ = ["IGNORED_KEYS", "Group", "Run", "drop_duplicates", "find_runs", "flatten", "group_runs", "load"]
 
 IGNORED_KEYS = ("seed", "device", "checkpoint_every")
+
+log = logging.getLogger("shn.report")
 
 
 @dataclass
@@ -61,6 +64,8 @@ class Group:
     setting: str
     method: str
     runs: list[Run]
+    # runs dropped as duplicates of a kept one: same config (up to IGNORED_KEYS) and same seed
+    duplicates: list[tuple[Run, Run]] = field(default_factory=list)  # (dropped, kept)
 
     @property
     def primary(self) -> str:
@@ -180,7 +185,9 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
     for r in runs:
         key = tuple(sorted((k, repr(v)) for k, v in r.config.items() if k not in IGNORED_KEYS))
         by_key.setdefault(key, []).append(r)
-    groups = [sorted(rs, key=lambda r: (r.seed, str(r.path))) for rs in by_key.values()]
+    deduped = [drop_duplicates(rs) for rs in by_key.values()]
+    groups = [sorted(rs, key=lambda r: (r.seed, str(r.path))) for rs, _ in deduped]
+    dropped = [d for _, d in deduped]
     reps = [g[0].config for g in groups]
 
     # settings: the task table; label = task name + task options that vary between its settings
@@ -210,7 +217,7 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         m = str(c.get("method"))
         keys = sorted(label_keys.get(m, set()) | ({"graph.kind"} if _needs_graph(m) else set()))
         extra = ", ".join(f"{k}={_fmt_value(c.get(k))}" for k in keys if k in c)
-        out.append(Group(setting_label[setting_of[i]], m + (f" ({extra})" if extra else ""), rs))
+        out.append(Group(setting_label[setting_of[i]], m + (f" ({extra})" if extra else ""), rs, dropped[i]))
     # two groups with the same labels (configs differing in an unlabelled way): number them
     seen: dict[tuple[str, str], int] = {}
     for g in out:
@@ -219,6 +226,30 @@ def group_runs(runs: Sequence[Run]) -> list[Group]:
         if n:
             g.method = f"{g.method} #{n + 1}"
     return sorted(out, key=lambda g: (g.setting, g.method))
+
+
+def drop_duplicates(runs: Sequence[Run]) -> tuple[list[Run], list[tuple[Run, Run]]]:
+    """Runs of one group (same config up to IGNORED_KEYS) with the same seed are one experiment
+    recorded twice (a pipeline run and a plain run of one config, a copied folder): counted
+    once, never as two seeds. The newest (``summary.json`` time) is kept; each drop is logged
+    as a warning. Returns (kept runs, [(dropped, kept)])."""
+    newest: dict[int, Run] = {}
+    dropped: list[tuple[Run, Run]] = []
+    for r in sorted(runs, key=lambda r: (_mtime(r), str(r.path)), reverse=True):
+        kept = newest.setdefault(r.seed, r)
+        if kept is not r:
+            dropped.append((r, kept))
+            log.warning("report: %s and %s are the same config with seed %d: counted once (kept %s, the newer)",
+                        r.path, kept.path, r.seed, kept.path)
+    kept_ids = {id(r) for r in newest.values()}
+    return [r for r in runs if id(r) in kept_ids], dropped
+
+
+def _mtime(run: Run) -> float:
+    try:
+        return (run.path / "summary.json").stat().st_mtime
+    except OSError:
+        return 0.0
 
 
 def _energy(v: Any) -> float | None:

@@ -12,6 +12,11 @@ from shn.report.tables import detail_table, horizon_table, main_table, write_csv
 __all__ = ["build_report"]
 
 
+def _rewire_target(run) -> str:
+    """The heterophily study's knob as a distinct value (unset counts as one)."""
+    return repr(run.config.get("graph.rewire_homophily"))
+
+
 def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", reference: str | None = None) -> Path:
     """Write ``report.md``, ``results.csv``, ``runs.csv`` and the figures to ``out``; return the
     path of ``report.md``. With ``reference`` (a method folder name of the suite layout
@@ -26,11 +31,15 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", ref
     write_csvs(groups, out)
     settings = sorted({g.setting for g in groups})
     figures: dict[str, list[str]] = {s: [] for s in settings}
+    captions: dict[str, str] = {}
     for s in settings:
         gs = [g for g in groups if g.setting == s]
         slug = _slug(s)
-        if plot_curves(gs, out / f"curves_{slug}.png"):
+        curves = plot_curves(gs, out / f"curves_{slug}.png")
+        if curves:
             figures[s].append(f"curves_{slug}.png")
+            captions[f"curves_{slug}.png"] = (f"{curves['ylabel']} vs {curves['xlabel']}; lines: mean over seeds "
+                                              "(n per method in the legend), bands: ±1 sample std.")
         drawn: set[str] = set()
         for g in gs:
             r = g.runs[0]
@@ -39,24 +48,34 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", ref
             name = f"graph_{slug}_{_slug(kind + ('' if rewire is None else '-h' + _fmt_value(rewire)))}.png"
             if not _needs_graph(r.method) or name in drawn:
                 continue
-            if plot_graph(r, f"{s}: {g.method}, seed {r.seed}", out / name):
+            if plot_graph(r, f"{s}: {g.method}, one run (seed {r.seed}) of {len(g.runs)}", out / name):
                 figures[s].append(name)
+                captions[name] = f"The client graph of one run (seed {r.seed}) of {g.method}."
                 drawn.add(name)
         enc = [g for g in gs if _needs_graph(g.runs[0].method) or any(
             r.metric("encoder_dirichlet_energy") is not None for r in g.runs)]
         # a study plot needs its x to vary: one depth or one graph is no curve
-        if _distinct(enc, _layers) > 1 and plot_xy(
-                enc, _layers, "encoder layers", "encoder.layers", out / f"depth_{slug}.png",
-                f"{s}: depth study (test metric, Dirichlet energy)", energy=True, integer_x=True):
-            figures[s].append(f"depth_{slug}.png")
+        if _distinct(enc, _layers) > 1:
+            depth = plot_xy(enc, _layers, "encoder layers L", "encoder.layers", out / f"depth_{slug}.png",
+                            f"{s}: depth study (test metric, Dirichlet energy)", energy=True, integer_x=True,
+                            log2_x=True)
+            if depth:
+                figures[s].append(f"depth_{slug}.png")
+                captions[f"depth_{slug}.png"] = depth["title"] + "."
+        # a heterophily study rewires graphs to several target homophilies; graphs that differ
+        # only between seeds are no study
         het = [g for g in gs if any(_homophily(r) for r in g.runs)]
-        if _distinct(het, _homophily_value) > 1 and plot_xy(
-                het, _homophily_value, "edge homophily of the graph used", "graph.rewire_homophily",
-                out / f"heterophily_{slug}.png", f"{s}: test metric vs edge homophily", xlim=(-0.05, 1.05)):
-            figures[s].append(f"heterophily_{slug}.png")
+        if _distinct(het, _rewire_target) > 1 and _distinct(het, _homophily_value) > 1:
+            study = plot_xy(het, _homophily_value, "edge homophily of the graph used", "graph.rewire_homophily",
+                            out / f"heterophily_{slug}.png", f"{s}: test metric vs edge homophily",
+                            xlim=(-0.05, 1.05))
+            if study:
+                figures[s].append(f"heterophily_{slug}.png")
+                captions[f"heterophily_{slug}.png"] = study["title"] + "."
 
+    kept = sum(len(g.runs) for g in groups)
     lines = ["# Results", "",
-             f"{len(runs)} runs in {len(groups)} groups, read from `summary.json` / `metrics.jsonl` of: "
+             f"{kept} runs in {len(groups)} groups, read from `summary.json` / `metrics.jsonl` of: "
              + ", ".join(f"`{p}`" for p in run_dirs) + ".",
              "Cells: test metric at the end of training, mean ± sample std (ddof=1) over seeds (a single run: "
              "its value). Bold: best per column (max for accuracy, min for loss / mse / mae / rmse).", "",
@@ -70,6 +89,10 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", ref
                           f"Test metric at the best validation round, mean ± std over seeds; Δ = method − {reference} "
                           "on the same seeds with a 95 % t-interval; win / loss when it excludes 0.", "",
                           markdown(rows, reference), ""]
+    duplicates = [(d, k) for g in groups for d, k in g.duplicates]
+    if duplicates:
+        lines[-4:-4] = [f"**Duplicates counted once** ({len(duplicates)}): same config and seed as a kept run — "
+                        + "; ".join(f"`{d.path}` (kept `{k.path}`)" for d, k in duplicates) + ".", ""]
     for s in settings:
         gs = [g for g in groups if g.setting == s]
         lines += [f"## {s}", "", detail_table(gs), ""]
@@ -77,7 +100,7 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", ref
         if horizons is not None:
             lines += ["Per forecast horizon (steps ahead):", "", horizons, ""]
         for fig in figures[s]:
-            lines += [f"![{fig}]({fig})", ""]
+            lines += [f"![{fig}]({fig})", ""] + ([f"*{captions[fig]}*", ""] if fig in captions else [])
     lines += ["Per-group numbers: `results.csv`; per-run numbers and run directories: `runs.csv`.", ""]
     path = out / "report.md"
     path.write_text("\n".join(lines))
