@@ -89,6 +89,7 @@ def _load_file(path: Path) -> str:
         raise ConfigError(f"--plugin {path}: file not found")
     name = path.stem if path.stem.isidentifier() else "shn_plugin_" + "".join(c if c.isalnum() else "_" for c in path.stem)
     if name in sys.modules and getattr(sys.modules[name], "__file__", None) == str(path):
+        _loaded[name] = {"module": name, "path": None, "file": str(path)}  # asked for as a file: workers load it so
         return name
     spec = importlib.util.spec_from_file_location(name, path)
     if spec is None or spec.loader is None:
