@@ -39,9 +39,10 @@ class LocalConfig:
     weight_decay: float = 5e-5
     batch_size: int = 64
     grad_clip: float = 50.0
-    # "auto": a documented rule (loop for convolutional targets on CPU, vmap otherwise), chosen
-    # by rule rather than by timing so that the same config always takes the same path.
-    mode: Literal["auto", "vmap", "loop"] = "auto"
+    # "auto": a documented rule (grouped for convolutional targets on CPU, the per-client loop
+    # for those grouped cannot run, vmap otherwise), chosen by rule rather than by timing so that
+    # the same config always takes the same path (shn/federated/local.py).
+    mode: Literal["auto", "vmap", "loop", "grouped"] = "auto"
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size")
