@@ -39,9 +39,10 @@ class LocalConfig:
         batch_size: minibatch size (sampled with replacement from the client's train split).
         grad_clip: per-client gradient-norm clipping at every step; 0 disables.
         mode: how clients train: "vmap" (one batched call per step for all clients), "loop"
-            (one client at a time), or "auto": a documented rule (loop for convolutional
-            targets on CPU, vmap otherwise), chosen by rule rather than by timing so that the
-            same config always takes the same path.
+            (one client at a time), "grouped" (convolutional targets: the cohort as one network of
+            grouped convolutions), or "auto": a documented rule (grouped for convolutional
+            targets on CPU when their layers allow it, else loop there; vmap otherwise), chosen
+            by rule rather than by timing so that the same config always takes the same path.
     """
 
     steps: int = 50
@@ -50,7 +51,7 @@ class LocalConfig:
     weight_decay: float = 5e-5
     batch_size: int = 64
     grad_clip: float = 50.0
-    mode: Literal["auto", "vmap", "loop"] = "auto"
+    mode: Literal["auto", "vmap", "loop", "grouped"] = "auto"
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size")

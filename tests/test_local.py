@@ -168,14 +168,15 @@ def test_trainer_equals_torch_optim_sgd_on_the_same_minibatches(mode, model):
         torch.testing.assert_close(result.loss[i], torch.stack(losses).mean(), rtol=1e-5, atol=1e-5)
 
 
-def test_auto_rule_picks_loop_for_conv_on_cpu_and_vmap_otherwise():
+def test_auto_rule_picks_grouped_for_conv_on_cpu_and_vmap_otherwise():
+    # conv targets grouped cannot run take the loop instead: tests/test_grouped.py
     cfg = LocalConfig(mode="auto")
     cpu, cuda = torch.device("cpu"), torch.device("cuda")
     conv = [SmallCNN(1, 10, 8), SmallCNN(1, 10, 28), PFedHNCNN(3, 10)]
     for m in conv:
         assert uses_convolution(m)
         trainer = LocalTrainer(m, classification_loss, cfg)
-        assert trainer.resolve_mode(cpu) == "loop"
+        assert trainer.resolve_mode(cpu) == "grouped"
         assert trainer.resolve_mode(cuda) == "vmap"
     flat = [MLP(64, 10)]
     try:
@@ -187,7 +188,7 @@ def test_auto_rule_picks_loop_for_conv_on_cpu_and_vmap_otherwise():
     for m in flat:
         assert not uses_convolution(m)
         assert LocalTrainer(m, classification_loss, cfg).resolve_mode(cpu) == "vmap"
-    for forced in ("vmap", "loop"):
+    for forced in ("vmap", "loop", "grouped"):
         for m in conv + flat:
             assert LocalTrainer(m, classification_loss, LocalConfig(mode=forced)).resolve_mode(cpu) == forced
 

@@ -97,3 +97,19 @@ def test_report_opens_with_the_paired_table(tmp_path):
     md = build_report([root], out=tmp_path / "rep", reference="pfedhn").read_text()
     assert md.index("## Paired comparison") < md.index("## Main table")
     assert "| cifar | shn | 3 |" in md and "win" in md and (tmp_path / "rep" / "paired.csv").is_file()
+
+
+def test_report_shows_the_naive_forecasts_of_forecasting_runs(tmp_path):
+    from shn.report import build_report
+
+    d = tmp_path / "runs" / "pfedhn"
+    d.mkdir(parents=True)
+    (d / "config.toml").write_text('method = "pfedhn"\nseed = 0\n[task]\nname = "traffic"\n')
+    (d / "summary.json").write_text(json.dumps({
+        "method": "pfedhn", "task": "traffic", "seed": 0, "primary_metric": "test_mse",
+        "metrics": {"test_mse": 60.0}, "best_val": {"round": 1, "metrics": {"test_mse": 60.0}},
+        "baselines": {"persistence": {"test_mse": 71.38, "test_mae": 4.43},
+                      "train_mean": {"test_mse": 161.64, "test_mae": 7.65}}}))
+    md = build_report([tmp_path / "runs"], out=tmp_path / "rep").read_text()
+    assert "Naive forecasts on the same test targets" in md
+    assert "| persistence | 71.38" in md and "| train_mean | 161.6" in md

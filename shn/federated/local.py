@@ -1,16 +1,19 @@
 """Client-side local training: K SGD steps for many clients at once.
 
-Two execution paths with identical maths and identical minibatch indices:
+Three execution paths with the same maths and identical minibatch indices:
 
 * ``vmap`` — one ``torch.func.vmap``-ed ``grad_and_value`` call per step for all C clients
   (needs one shared architecture); wins for small MLP/GRU targets.
 * ``loop`` — a per-client loop with plain autograd (bit-identical to ``torch.func``'s
-  ``grad_and_value``, less overhead); wins for convolutional targets on CPU (vmapped
-  convolutions are slow there: BENCHMARKS.md W2 measured 2.0 s vs 0.9 s for 50 CIFAR CNN clients).
+  ``grad_and_value``, less overhead); the reference path, and the one for targets nothing else
+  runs (clients whose data shapes differ, layers ``grouped`` does not support).
+* ``grouped`` — convolutional targets: the cohort as one network of grouped convolutions and
+  batched matmuls, channels-last (:mod:`shn.federated.grouped`); on CPU several times faster than
+  the loop (README, performance), equal to it up to float rounding (``tests/test_grouped.py``).
 
-``mode = "auto"`` picks by a documented rule (loop for convolutional targets on CPU, vmap
-otherwise) rather than by timing, so the same config always takes the same path and gives
-bit-identical numbers.
+``mode = "auto"`` picks by a documented rule (grouped for convolutional targets on CPU when the
+target's layers allow it, else loop there; vmap otherwise) rather than by timing, so the same
+config always takes the same path and gives bit-identical numbers.
 
 Client-side methods (:mod:`shn.federated.client_method`) change a training phase through a
 :class:`LocalObjective`: an extra loss term (FedProx's proximal pull), the tensors trained (FedRep's
@@ -29,9 +32,16 @@ from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
 from shn.config import LocalConfig
+from shn.federated.grouped import GroupedNet, grouped_loss, grouped_unsupported
 from tasks.base import ClientData, Split, Task
 
 Params = dict[str, Tensor]
+
+# Elements of the largest activation of one grouped network call (float32: 4 bytes each).
+# Clients are run in chunks that keep it under this (at least one client per chunk): 16 MB, half
+# this machine's L3 cache; whole-cohort calls of W2's 50 CIFAR-CNN clients (160 MB) ran slower
+# on one thread. Small targets (digits) fit the whole cohort in one call.
+GROUPED_ACTIVATION_BUDGET = 8 * 2**20
 
 
 class ClientStore:
@@ -147,6 +157,9 @@ class LocalTrainer:
         client_loss = self._loss_of(template)
         self._vgrad = vmap(grad_and_value(client_loss))
         self._grad = autograd_grad_and_value(client_loss)
+        self._grouped_net: GroupedNet | None = None  # built on first use (one fx trace)
+        self._grouped_grad: Callable[..., tuple[Params, Tensor]] | None = None
+        self._grouped_numel: dict[tuple[int, ...], int] = {}  # one client's largest activation, by batch shape
         self._client_grads = {int(c): autograd_grad_and_value(self._loss_of(t)) for c, t in self.templates.items()}
 
     def _loss_of(self, template: nn.Module) -> Callable[..., Tensor]:
@@ -180,7 +193,15 @@ class LocalTrainer:
     def resolve_mode(self, device: torch.device) -> str:
         if self.config.mode != "auto":
             return self.config.mode
-        return "loop" if device.type == "cpu" and uses_convolution(self.template) else "vmap"
+        if device.type == "cpu" and uses_convolution(self.template):
+            return "grouped" if self.grouped_reason() is None else "loop"
+        return "vmap"
+
+    def grouped_reason(self) -> str | None:
+        """Why the template cannot run in ``grouped`` mode, or None (cached: one fx trace)."""
+        if not hasattr(self, "_grouped_reason"):
+            self._grouped_reason = grouped_unsupported(self.template)
+        return self._grouped_reason
 
     def train(self, params: Mapping[str, Tensor], store: ClientStore, clients: Sequence[int], generator: torch.Generator,
               objective: LocalObjective | None = None) -> LocalResult:
@@ -191,9 +212,9 @@ class LocalTrainer:
         C = len(clients)
         device = next(iter(params.values())).device
         mode = self.resolve_mode(device)
-        if mode == "vmap" and store.concat is None:
-            if cfg.mode == "vmap":
-                raise ValueError("local.mode = 'vmap' needs clients whose data shapes agree; use 'loop' or 'auto'")
+        if mode in ("vmap", "grouped") and store.concat is None:
+            if cfg.mode == mode:
+                raise ValueError(f"local.mode = '{mode}' needs clients whose data shapes agree; use 'loop' or 'auto'")
             mode = "loop"  # auto: clients whose data shapes differ cannot be stacked
         if objective is not None:
             return self._train_objective(params, store, clients, generator, objective, mode)
@@ -201,13 +222,15 @@ class LocalTrainer:
         p = {k: v.detach().clone() for k, v in params.items()}
         buf: Params | None = None
         losses = torch.zeros(C, device=device)
-        if mode == "vmap":
+        if mode in ("vmap", "grouped"):
             offsets = torch.tensor([store.offsets[c] for c in clients], dtype=torch.long)
             global_idx = (local_idx + offsets[None, :, None]).to(store.device)
         for step in range(cfg.steps):
             if mode == "vmap":
                 batch = tuple(t[global_idx[step]] for t in store.concat)
                 grads, loss = self._vgrad(p, *batch)
+            elif mode == "grouped":
+                grads, loss = self._grouped_grads(p, tuple(t[global_idx[step]] for t in store.concat))
             else:
                 grads, loss = self._loop_grads(p, store, clients, local_idx[step])
             losses += loss.detach()
@@ -298,6 +321,26 @@ class LocalTrainer:
         cfg = self.config
         return torch.rand(steps or cfg.steps, num_clients, cfg.batch_size, generator=generator, dtype=torch.float64)
 
+    def _grouped_grads(self, p: Params, batch: tuple[Tensor, ...]) -> tuple[Params, Tensor]:
+        """Every client's gradient from the grouped network, in chunks of clients whose largest
+        activation stays under ``GROUPED_ACTIVATION_BUDGET`` elements."""
+        if self._grouped_net is None:
+            reason = self.grouped_reason()
+            if reason is not None:
+                raise ValueError(f"local.mode = 'grouped' cannot run this target: {reason}; use 'loop' or 'auto'")
+            self._grouped_net = GroupedNet(self.template)
+            self._grouped_grad = autograd_grad_and_value(grouped_loss(self._grouped_net, self.loss))
+        C = batch[0].shape[0]
+        shape = tuple(batch[0].shape[1:])
+        if shape not in self._grouped_numel:
+            self._grouped_numel[shape] = self._grouped_net.activation_numel(p, batch[0])
+        chunk = max(1, GROUPED_ACTIVATION_BUDGET // self._grouped_numel[shape])
+        if C <= chunk:
+            return self._grouped_grad(p, *batch)
+        parts = [self._grouped_grad({k: v[i:i + chunk] for k, v in p.items()}, *(t[i:i + chunk] for t in batch))
+                 for i in range(0, C, chunk)]
+        return {k: torch.cat([g[k] for g, _ in parts]) for k in p}, torch.cat([v for _, v in parts])
+
     def _loop_grads(self, p: Params, store: ClientStore, clients: list[int], idx: Tensor) -> tuple[Params, Tensor]:
         per_grad, per_loss = [], []
         for i, c in enumerate(clients):
@@ -331,14 +374,17 @@ def autograd_grad_and_value(loss: Callable[..., Any], has_aux: bool = False) -> 
     """``torch.func.grad_and_value(loss, has_aux)`` for ONE client, by plain autograd: bit-identical
     results, and 1.3–1.5× faster on CPU for the small targets here (no functorch wrapping per op),
     which is what the per-client loop pays for at every step. With ``has_aux`` the loss returns
-    ``(value, aux)`` and so does the second result."""
+    ``(value, aux)`` and so does the second result. ``loss`` may also return one loss per client
+    ``[C]`` of a cohort that shares no weights (the grouped network): the gradient of their sum is
+    then each client's own gradient."""
 
     def grad_and_value_(p: Params, *args: Any) -> tuple[Params, Any]:
         with torch.enable_grad():
             leaves = {k: v.detach().requires_grad_() for k, v in p.items()}
             out = loss(leaves, *args)
             value, aux = out if has_aux else (out, None)
-            grads = torch.autograd.grad(value, list(leaves.values()), allow_unused=True)
+            # a cohort's loss per client [C] (the grouped network): each client's own gradient
+            grads = torch.autograd.grad(value, list(leaves.values()), torch.ones_like(value), allow_unused=True)
         grads = {k: torch.zeros_like(v) if g is None else g for (k, v), g in zip(leaves.items(), grads)}
         return (grads, (value.detach(), aux.detach())) if has_aux else (grads, value.detach())
 

@@ -152,3 +152,19 @@ def write_csvs(groups: Sequence[Group], out: Path) -> None:
             for r in g.runs:
                 vals = [r.metric(n) for n in names]
                 w.writerow([g.setting, g.method, r.seed, str(r.path)] + ["" if v is None else repr(v) for v in vals])
+
+
+def baselines_table(groups: Sequence[Group]) -> str | None:
+    """The naive forecasts every forecasting run records (``summary.json`` ``baselines``:
+    persistence, seasonal naive, training mean) on the same masked test targets as the methods,
+    beside them so that no table hides a model worse than doing nothing. Their test windows do
+    not depend on the method; the first run that has them is shown (mean over its clients)."""
+    found = next((r.summary["baselines"] for g in groups for r in g.runs
+                  if isinstance(r.summary.get("baselines"), dict) and r.summary["baselines"]), None)
+    if not found:
+        return None
+    metrics = [m for m in ("test_mse", "test_mae", "test_rmse", "test_wape")
+               if any(isinstance(v, dict) and m in v for v in found.values())]
+    rows = [[name] + [_fmt(float(v[m]), m) if isinstance(v.get(m), (int, float)) else "—" for m in metrics]
+            for name, v in found.items() if isinstance(v, dict)]
+    return markdown_table(["naive forecast"] + metrics, rows)

@@ -7,7 +7,7 @@ from typing import Sequence
 
 from shn.report.figures import _distinct, _homophily, _homophily_value, _layers, _slug, plot_curves, plot_graph, plot_xy
 from shn.report.runs import _fmt_value, _needs_graph, find_runs, group_runs
-from shn.report.tables import detail_table, horizon_table, main_table, write_csvs
+from shn.report.tables import baselines_table, detail_table, horizon_table, main_table, write_csvs
 
 __all__ = ["build_report"]
 
@@ -96,6 +96,9 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", ref
     for s in settings:
         gs = [g for g in groups if g.setting == s]
         lines += [f"## {s}", "", detail_table(gs), ""]
+        naive = baselines_table(gs)
+        if naive is not None:
+            lines += ["Naive forecasts on the same test targets:", "", naive, ""]
         horizons = horizon_table(gs)
         if horizons is not None:
             lines += ["Per forecast horizon (steps ahead):", "", horizons, ""]

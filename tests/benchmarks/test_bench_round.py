@@ -5,23 +5,18 @@ Skipped by the default test run (``--benchmark-skip``); run with::
     pytest tests/benchmarks/test_bench_round.py --benchmark-only
 
 Local training of one round, every client of the round at once, in the ``LocalTrainer`` modes
-``vmap``, ``loop`` and ``auto``:
+``vmap``, ``loop``, ``grouped`` (convolutional targets only) and ``auto``, on the workloads of
+``round_report.py`` (pFedHN's CIFAR CNN × 50 clients with 2 local steps, the digits MLP × 64,
+the GRU forecaster × 207); ``python tests/benchmarks/round_report.py`` prints the same ratios as
+the README's table. Also the pFedHN server update for 50 CIFAR-CNN clients: one batched
+vector–Jacobian product for all 50 (``HyperNetworkAlgorithm.apply_updates``) vs one backward per
+client.
 
-* ``cifar_cnn`` — pFedHN's CIFAR CNN (``tasks.models.PFedHNCNN``) × 50 clients, synthetic
-  3×32×32 inputs (128 per client), batch 64. **2 local steps instead of W2's 50** (one 50-step
-  round takes minutes per mode on 2 threads); the per-step cost is what the modes differ in, and
-  ``extra_info`` also holds the projection to 50 steps.
-* ``mlp`` — the digits MLP (64 → 128 → 10) × 64 clients, batch 64, 10 local steps.
-* ``gru`` — the GRU forecaster (2 features → 32 hidden, windows 12 → 12) × 207 clients, batch
-  64, 2 local steps.
-
-and the pFedHN server update for 50 CIFAR-CNN clients: one batched vector–Jacobian product for
-all 50 (``HyperNetworkAlgorithm.apply_updates``) vs one backward per client.
-
-Ratios (medians; ``*_min`` from the minima) go to ``extra_info`` and are printed:
-``vmap_over_loop`` (< 1: vmap faster), ``auto_over_best`` = auto / min(vmap, loop) (≈ 1 when
-the ``auto`` rule picks the faster path), ``per_client_over_batched`` for the server update.
-Absolute times on shared 2-core machines move by ±20% or more; compare ratios from one run.
+Ratios (medians of per-repetition ratios; ``*_min`` from the minima) go to ``extra_info`` and are
+printed: ``vmap_over_loop`` and ``grouped_over_loop`` (< 1: faster than the loop),
+``auto_over_best`` = auto / the fastest other mode (≈ 1 when the ``auto`` rule picks it),
+``per_client_over_batched`` for the server update. Absolute times on shared 2-core machines move
+by ±20% or more; compare ratios from one run.
 
 Environment: ``SHN_BENCH_ROUNDS`` (default 10 repetitions), ``SHN_BENCH_DEVICE`` (default cpu).
 """
@@ -30,116 +25,31 @@ from __future__ import annotations
 
 import os
 import statistics
-import time
-from dataclasses import dataclass
-from typing import Callable
 
 import pytest
 import torch
-from torch import nn
 
-from shn.config import LocalConfig, ServerConfig
+from shn.config import ServerConfig
 from shn.federated.algorithm import HyperNetworkAlgorithm, _clip
-from shn.federated.local import ClientStore, LocalTrainer
 from shn.hypernetwork import HyperNetwork
-from shn.target import ParamSpec, module_params
-from tasks.base import ClientData, classification_loss
-from tasks.models import MLP, PFedHNCNN
+from shn.target import ParamSpec
+from tasks.models import PFedHNCNN
+
+from .round_report import DEVICE, WORKLOADS, interleaved, make_round, modes_for, ratio
+from .round_report import sync as _sync
 
 pytest.importorskip("pytest_benchmark")
 
 ROUNDS = int(os.environ.get("SHN_BENCH_ROUNDS", "10"))
-DEVICE = torch.device(os.environ.get("SHN_BENCH_DEVICE", "cpu"))
-MODES = ("vmap", "loop", "auto")
 AUTO_TOLERANCE = 1.3  # auto may be this much slower than the faster mode (noise on shared machines)
+MODE_CASES = [(name, mode) for name in sorted(WORKLOADS) for mode in modes_for(name)]
 
 
-def mse(output: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    return (output - y).pow(2).mean()
-
-
-@dataclass(frozen=True)
-class Workload:
-    build: Callable[[], nn.Module]
-    clients: int
-    samples: int  # training samples per client
-    x_shape: tuple[int, ...]
-    y_shape: tuple[int, ...] | None  # None: class labels
-    classes: int
-    steps: int
-    loss: Callable[..., torch.Tensor]
-    batch_size: int = 64
-
-
-def _gru() -> nn.Module:
-    from tasks.forecast_models import GRUForecaster
-
-    return GRUForecaster(2, 1, 12, hidden=32)
-
-
-WORKLOADS = {
-    "cifar_cnn": Workload(lambda: PFedHNCNN(3, 10), 50, 128, (3, 32, 32), None, 10, 2, classification_loss),
-    "mlp": Workload(lambda: MLP(64, 10), 64, 128, (1, 8, 8), None, 10, 10, classification_loss),
-    "gru": Workload(_gru, 207, 128, (12, 2), (12, 1), 0, 2, mse),
-}
-try:
-    import tasks.forecast_models  # noqa: F401
-except ImportError:  # pragma: no cover - the forecasting models are optional
-    del WORKLOADS["gru"]
-
-_CACHE: dict[str, tuple] = {}
-
-
-def _sync() -> None:
-    if DEVICE.type == "cuda":
-        torch.cuda.synchronize(DEVICE)
-
-
-def prepared(name: str):
-    """(template, store, stacked start params, clients) for a workload, built once."""
-    if name not in _CACHE:
-        w = WORKLOADS[name]
-        g = torch.Generator().manual_seed(0)
-        data = {}
-        for c in range(w.clients):
-            def split(n):
-                x = torch.randn(n, *w.x_shape, generator=g)
-                y = (torch.randn(n, *w.y_shape, generator=g) if w.y_shape is not None
-                     else torch.randint(0, w.classes, (n,), generator=g))
-                return x, y
-            data[c] = ClientData(split(w.samples), split(2), split(2))
-        store = ClientStore(data, DEVICE)
-        torch.manual_seed(0)
-        template = w.build().to(DEVICE)
-        base = module_params(template)
-        noise = torch.Generator().manual_seed(1)
-        params = {k: (v.cpu().unsqueeze(0) + 0.01 * torch.randn(w.clients, *v.shape, generator=noise)).to(DEVICE)
-                  for k, v in base.items()}
-        _CACHE[name] = (template, store, params, list(range(w.clients)))
-    return _CACHE[name]
-
-
-def _round(name: str, mode: str):
-    """(a function running one round of local training in ``mode``, the mode ``auto`` resolves to)."""
-    w = WORKLOADS[name]
-    template, store, params, clients = prepared(name)
-    cfg = LocalConfig(steps=w.steps, batch_size=w.batch_size, mode=mode)  # pFedHN's lr/momentum/wd/clip
-    trainer = LocalTrainer(template, w.loss, cfg)
-
-    def one_round():
-        result = trainer.train(params, store, clients, torch.Generator().manual_seed(0))
-        _sync()
-        return result
-
-    return one_round, trainer.resolve_mode(DEVICE)
-
-
-@pytest.mark.parametrize("mode", MODES)
-@pytest.mark.parametrize("name", sorted(WORKLOADS))
+@pytest.mark.parametrize(("name", "mode"), MODE_CASES)
 def test_w2_local_training(benchmark, name, mode):
     """One row per (workload, mode) in the benchmark table (for ``--benchmark-compare``)."""
     w = WORKLOADS[name]
-    one_round, picks = _round(name, mode)
+    one_round, picks = make_round(name, mode)
     benchmark.group = f"W2 local training: {name}"
     benchmark.extra_info.update(workload=name, mode=mode, resolved_mode=picks, clients=w.clients, steps=w.steps,
                                 batch_size=w.batch_size, threads=torch.get_num_threads(), device=str(DEVICE))
@@ -156,49 +66,50 @@ def test_w2_local_training(benchmark, name, mode):
 
 @pytest.mark.parametrize("name", sorted(WORKLOADS))
 def test_w2_mode_ratios(benchmark, capsys, name):
-    """The three modes interleaved (order rotated every repetition), so that load drifting on a
+    """Every mode interleaved (order rotated every repetition), so that load drifting on a
     shared machine hits them alike; ratios from the per-repetition pairs and from the minima."""
     w = WORKLOADS[name]
-    rounds = {m: _round(name, m) for m in MODES}
-    picks = rounds["auto"][1]
-    times: dict[str, list[float]] = {m: [] for m in MODES}
-    order = list(MODES)
+    modes = modes_for(name)
+    picks = make_round(name, "auto")[1]
+    result: dict = {}
 
-    def all_modes():
-        for m in order:
-            t0 = time.perf_counter()
-            rounds[m][0]()
-            times[m].append(time.perf_counter() - t0)
-        order.append(order.pop(0))
+    def measure():
+        result.update(interleaved(name, modes, ROUNDS))
 
-    benchmark.group = "W2 local training: the three modes interleaved"
-    benchmark.pedantic(all_modes, rounds=ROUNDS, warmup_rounds=1, iterations=1)
-    t = {m: v[1:] for m, v in times.items()}  # drop the warm-up repetition
-    best = [min(a, b) for a, b in zip(t["vmap"], t["loop"])]
-    ratios = {
-        "vmap_over_loop": statistics.median(a / b for a, b in zip(t["vmap"], t["loop"])),
-        "vmap_over_loop_min": min(t["vmap"]) / min(t["loop"]),
-        "auto_over_best": statistics.median(a / b for a, b in zip(t["auto"], best)),
-        "auto_over_best_min": min(t["auto"]) / min(min(t["vmap"]), min(t["loop"])),
-        "faster_mode": "vmap" if min(t["vmap"]) < min(t["loop"]) else "loop",
-        "auto_picks": picks,
-    }
+    benchmark.group = "W2 local training: the modes interleaved"
+    benchmark.pedantic(measure, rounds=1, iterations=1)
+    t = {m: v["wall"] for m, v in result.items()}
+    others = [m for m in modes if m != "auto"]
+    fastest = min(others, key=lambda m: statistics.median(t[m]))
+    best = [min(vals) for vals in zip(*(t[m] for m in others))]
+    ratios = {f"{m}_over_loop": ratio(result, m, "loop") for m in others if m != "loop"}
+    ratios.update({f"{m}_over_loop_cpu": ratio(result, m, "loop", "cpu") for m in others if m != "loop"})
+    ratios.update({f"{m}_over_loop_min": min(t[m]) / min(t["loop"]) for m in others if m != "loop"})
+    ratios.update(
+        auto_over_best=statistics.median(a / b for a, b in zip(t["auto"], best)),
+        auto_over_best_min=min(t["auto"]) / min(min(t[m]) for m in others),
+        faster_mode=fastest, auto_picks=picks,
+    )
     benchmark.extra_info.update(workload=name, clients=w.clients, steps=w.steps, batch_size=w.batch_size,
-                                threads=torch.get_num_threads(), device=str(DEVICE), **ratios)
-    for m in MODES:
+                                threads=torch.get_num_threads(), device=str(DEVICE), load_average=os.getloadavg()[0],
+                                **ratios)
+    for m in modes:
         benchmark.extra_info[f"{m}_median_s"] = statistics.median(t[m])
         benchmark.extra_info[f"{m}_min_s"] = min(t[m])
         benchmark.extra_info[f"{m}_client_updates_per_s"] = w.clients / statistics.median(t[m])
     with capsys.disabled():
         print(f"\nW2 {name} ({w.clients} clients, {w.steps} steps, batch {w.batch_size}, {DEVICE}, "
-              f"{torch.get_num_threads()} threads): " + "  ".join(
+              f"{torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}): " + "  ".join(
                   f"{m}{'[' + picks + ']' if m == 'auto' else ''} {statistics.median(t[m]):.3f}s (min {min(t[m]):.3f}s)"
-                  for m in MODES)
-              + f"  | vmap/loop = {ratios['vmap_over_loop']:.2f} (min {ratios['vmap_over_loop_min']:.2f})"
-              f"  auto/best = {ratios['auto_over_best']:.2f} (min {ratios['auto_over_best_min']:.2f})")
-    assert ratios["auto_picks"] == ratios["faster_mode"] or ratios["auto_over_best_min"] <= AUTO_TOLERANCE, (
+                  for m in modes)
+              + "  | " + "  ".join(f"{m}/loop = {ratios[m + '_over_loop']:.2f} (cpu {ratios[m + '_over_loop_cpu']:.2f})"
+                                   for m in others if m != "loop")
+              + f"  auto/best = {ratios['auto_over_best']:.2f} (min {ratios['auto_over_best_min']:.2f})")
+    assert picks == fastest or ratios["auto_over_best_min"] <= AUTO_TOLERANCE, (
         f"{name}: auto ({picks}) is {ratios['auto_over_best_min']:.2f}x the faster mode "
-        f"({ratios['faster_mode']}); revisit LocalTrainer.resolve_mode")
+        f"({fastest}); revisit LocalTrainer.resolve_mode")
+    if "grouped" in modes:  # the grouped network exists to beat the per-client loop on CPU
+        assert DEVICE.type != "cpu" or ratios["grouped_over_loop"] < 1, ratios
 
 
 # -- the server update ----------------------------------------------------------------------------
