@@ -28,8 +28,8 @@ method names (with the registered ones listed) and every run's resolved config; 
 substring of ``<name>/<variant>``) selects runs first, so a suite naming a method that does not
 exist yet can still run its other parts. A run whose ``summary.json`` exists is skipped when its
 recorded ``config.toml`` resolves to the config the suite would run now; when training-relevant
-keys differ (anything but ``device`` and ``checkpoint_every``; keys an older run lacks count as
-their defaults), the old directory is moved aside to ``<dir>.stale-<n>``, the keys are logged
+keys differ (anything but ``device``, ``checkpoint_every``, the ``[sweep]`` table and other
+methods' ``[methods.*]`` options; keys an older run lacks count as their defaults), the old directory is moved aside to ``<dir>.stale-<n>``, the keys are logged
 (and in ``suite_log.jsonl``), and the run starts again in ``<dir>`` — results never silently mix
 configs. A run killed midway continues from its last checkpoint (``resume=True``; set
 ``checkpoint_every``), under the same check.
@@ -432,7 +432,12 @@ def config_changes(run_dir: Path, config: RunConfig) -> list[str]:
         return ["config.toml"]
     new = _flat(config_to_dict(config))
     keys = (set(old) | set(new)) - set(UNTRAINED_KEYS)
-    return sorted(k for k in keys if k.split(".")[0] != "sweep" and old.get(k, _MISSING) != new.get(k, _MISSING))
+
+    def relevant(key: str) -> bool:  # the sweep table and other methods' options train nothing here
+        parts = key.split(".")
+        return parts[0] != "sweep" and not (parts[0] == "methods" and len(parts) > 1 and parts[1] != config.method)
+
+    return sorted(k for k in keys if relevant(k) and old.get(k, _MISSING) != new.get(k, _MISSING))
 
 
 _MISSING = object()

@@ -70,7 +70,8 @@ def test_a_plugin_given_as_a_file_path(plugin, tmp_path, capsys):
     code = main(["--plugin", str(folder / f"{module}.py"), "run", str(tmp_path / "tiny.toml"), "--set",
                  f"method={method}", "--out", str(tmp_path / "run"), "--no-progress"])
     assert code == 0, capsys.readouterr().err
-    assert plugins.active()[-1]["file"] == str((folder / f"{module}.py").resolve())
+    (spec,) = [s for s in plugins.active() if s["module"] == module]
+    assert spec["file"] == str((folder / f"{module}.py").resolve())
 
 
 @pytest.mark.parametrize("name, message", [

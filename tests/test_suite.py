@@ -221,5 +221,7 @@ def test_a_changed_suite_config_reruns_the_stale_runs_and_keeps_the_old_ones_asi
     assert len(unchanged.skipped) == 1 and not unchanged.stale
     again = run_suite(suite, progress=False, extra=['device="cpu"', "checkpoint_every=1"])
     assert len(again.skipped) == 1 and not again.stale and not run_dir.with_name("seed0.stale-2").exists()
+    other = run_suite(suite, progress=False, extra=["methods.fedavg.lr=0.5"])  # another method's options
+    assert len(other.skipped) == 1 and not other.stale
     changed = run_suite(suite, progress=False, extra=["local.lr=0.01"])
     assert [k for _, k in changed.stale] == [["local.lr"]] and run_dir.with_name("seed0.stale-2").is_dir()
