@@ -112,8 +112,9 @@ def test_sweep_worker_processes_load_the_plugin(plugin, tmp_path, capsys):
     assert code == 0, out.err
     result = json.loads(out.out.strip().splitlines()[-1])
     assert result["complete"] == 2 and result["fail"] == 0
-    assert json.loads((tmp_path / "sw" / ".sweep-spec.json").read_text())["plugins"] == [
-        {"module": module, "path": str(folder.resolve()), "file": None}]
+    # other test modules that registered methods earlier in the session may be listed too
+    specs = json.loads((tmp_path / "sw" / ".sweep-spec.json").read_text())["plugins"]
+    assert {"module": module, "path": str(folder.resolve()), "file": None} in specs
 
 
 def test_a_module_imported_by_a_script_is_passed_to_workers_too(plugin):
