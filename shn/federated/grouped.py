@@ -126,8 +126,10 @@ def _packed(t: Tensor, layout: str, clients: int) -> Tensor:
     if t.dim() != 5:
         raise ValueError(f"a convolution or pooling layer needs [B, channels, H, W] per client, got {tuple(t.shape[1:])}")
     c, b, ch, h, w = t.shape
-    # memory order [B, H, W, C, ch] is exactly channels-last [B, C·ch, H, W]
-    return t.permute(1, 3, 4, 0, 2).reshape(b, h, w, c * ch).permute(0, 3, 1, 2)
+    # memory order [B, H, W, C, ch] is exactly channels-last [B, C·ch, H, W]; for one client the
+    # reshape is a view of NCHW memory, hence the explicit channels-last (a no-op otherwise)
+    packed = t.permute(1, 3, 4, 0, 2).reshape(b, h, w, c * ch).permute(0, 3, 1, 2)
+    return packed.contiguous(memory_format=torch.channels_last)
 
 
 def _client_major(t: Tensor, layout: str, clients: int) -> Tensor:

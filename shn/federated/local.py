@@ -35,7 +35,7 @@ Params = dict[str, Tensor]
 # Clients are run in chunks that keep it under this (at least one client per chunk): 16 MB, half
 # this machine's L3 cache; whole-cohort calls of W2's 50 CIFAR-CNN clients (160 MB) ran slower
 # on one thread. Small targets (digits) fit the whole cohort in one call.
-GROUPED_ACTIVATION_BUDGET = 8 * 2**20
+GROUPED_ACTIVATION_BUDGET = 4 * 2**20
 
 
 class ClientStore:
