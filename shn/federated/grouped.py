@@ -9,10 +9,11 @@ layouts:
   pooling and elementwise activations never mix channels, so they act on every client at once.
 * *client-major* ``[C, B, *features]``: what linear layers (``bmm``) and the loss take.
 
-Why: on CPU a per-client loop pays, per layer and per client, for an NCHW max-pool that costs
-about as much as the convolution before it and for an NCHW convolution backward about 2× slower
-than channels-last (``experiments/profile_cnn_step.py``), plus one OpenMP fork/join per op and
-client. The grouped network does each layer once per step for the whole cohort, in channels-last.
+Why: on CPU a per-client loop pays, per client and step, for NCHW max-pooling that costs more
+than the convolution forward before it (``experiments/profile_cnn_step.py``; channels-last
+pooling is 5–10× cheaper), plus one OpenMP fork/join per op and client, which on a loaded
+machine waits for descheduled threads. The grouped network does each layer once per step for a
+chunk of clients, channels-last.
 
 The template is read once with ``torch.fx``; only the layers below are supported, so a target that
 uses anything else is reported by :func:`grouped_unsupported` (``auto`` then takes the per-client
