@@ -76,6 +76,19 @@ def test_grouped_net_equals_the_template_per_client(model):
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
 
 
+@pytest.mark.parametrize("clients", [1, 3])
+def test_packed_activations_are_channels_last(clients):
+    """The speed of the grouped network rests on channels-last convolutions and pooling (an NCHW
+    max-pool costs about as much as the convolution before it): also for a cohort of one."""
+    from shn.federated.grouped import CLIENT_MAJOR, _packed
+
+    x = torch.randn(clients, 4, 3, 8, 8)
+    packed = _packed(x, CLIENT_MAJOR, clients)
+    assert packed.shape == (4, clients * 3, 8, 8)
+    assert packed.is_contiguous(memory_format=torch.channels_last)
+    assert torch.equal(packed.unflatten(1, (clients, 3)).transpose(0, 1), x)
+
+
 def test_relu_then_max_pool_is_run_as_pool_then_relu_exactly():
     """The grouped network swaps ReLU → max-pool (a 4× smaller ReLU); its docstring claims the
     forward values and the gradients are exactly those of the unswapped order."""

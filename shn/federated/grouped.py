@@ -9,10 +9,11 @@ layouts:
   pooling and elementwise activations never mix channels, so they act on every client at once.
 * *client-major* ``[C, B, *features]``: what linear layers (``bmm``) and the loss take.
 
-Why: on CPU a per-client loop pays, per layer and per client, for an NCHW max-pool that costs
-about as much as the convolution before it and for an NCHW convolution backward about 2× slower
-than channels-last (``experiments/profile_cnn_step.py``), plus one OpenMP fork/join per op and
-client. The grouped network does each layer once per step for the whole cohort, in channels-last.
+Why: on CPU a per-client loop pays, per client and step, for NCHW max-pooling that costs more
+than the convolution forward before it (``experiments/profile_cnn_step.py``; channels-last
+pooling is 5–10× cheaper), plus one OpenMP fork/join per op and client, which on a loaded
+machine waits for descheduled threads. The grouped network does each layer once per step for a
+chunk of clients, channels-last.
 
 The template is read once with ``torch.fx``; only the layers below are supported, so a target that
 uses anything else is reported by :func:`grouped_unsupported` (``auto`` then takes the per-client
@@ -126,8 +127,10 @@ def _packed(t: Tensor, layout: str, clients: int) -> Tensor:
     if t.dim() != 5:
         raise ValueError(f"a convolution or pooling layer needs [B, channels, H, W] per client, got {tuple(t.shape[1:])}")
     c, b, ch, h, w = t.shape
-    # memory order [B, H, W, C, ch] is exactly channels-last [B, C·ch, H, W]
-    return t.permute(1, 3, 4, 0, 2).reshape(b, h, w, c * ch).permute(0, 3, 1, 2)
+    # memory order [B, H, W, C, ch] is exactly channels-last [B, C·ch, H, W]; for one client the
+    # reshape is a view of NCHW memory, hence the explicit channels-last (a no-op otherwise)
+    packed = t.permute(1, 3, 4, 0, 2).reshape(b, h, w, c * ch).permute(0, 3, 1, 2)
+    return packed.contiguous(memory_format=torch.channels_last)
 
 
 def _client_major(t: Tensor, layout: str, clients: int) -> Tensor:

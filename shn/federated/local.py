@@ -8,8 +8,9 @@ Three execution paths with the same maths and identical minibatch indices:
   ``grad_and_value``, less overhead); the reference path, and the one for targets nothing else
   runs (clients whose data shapes differ, layers ``grouped`` does not support).
 * ``grouped`` — convolutional targets: the cohort as one network of grouped convolutions and
-  batched matmuls, channels-last (:mod:`shn.federated.grouped`); on CPU several times faster than
-  the loop (README, performance), equal to it up to float rounding (``tests/test_grouped.py``).
+  batched matmuls, channels-last (:mod:`shn.federated.grouped`); on CPU 1.2–1.4× faster than the
+  loop on a quiet 2-core machine and more under load (README, performance), equal to it up to
+  float rounding (``tests/test_grouped.py``).
 
 ``mode = "auto"`` picks by a documented rule (grouped for convolutional targets on CPU when the
 target's layers allow it, else loop there; vmap otherwise) rather than by timing, so the same
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
+from functools import cached_property
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -39,9 +41,10 @@ Params = dict[str, Tensor]
 
 # Elements of the largest activation of one grouped network call (float32: 4 bytes each).
 # Clients are run in chunks that keep it under this (at least one client per chunk): 16 MB, half
-# this machine's L3 cache; whole-cohort calls of W2's 50 CIFAR-CNN clients (160 MB) ran slower
-# on one thread. Small targets (digits) fit the whole cohort in one call.
-GROUPED_ACTIVATION_BUDGET = 8 * 2**20
+# the development machine's L3 cache, i.e. chunks of 5 CIFAR-CNN clients at batch 64 — measured
+# faster than chunks of 1, 2 or 10 on a quiet machine, while one call for all 50 (160 MB) was
+# slower than the loop on one thread. Small targets (digits) fit the whole cohort in one call.
+GROUPED_ACTIVATION_BUDGET = 4 * 2**20
 
 
 class ClientStore:
@@ -194,14 +197,13 @@ class LocalTrainer:
         if self.config.mode != "auto":
             return self.config.mode
         if device.type == "cpu" and uses_convolution(self.template):
-            return "grouped" if self.grouped_reason() is None else "loop"
+            return "grouped" if self.grouped_reason is None else "loop"
         return "vmap"
 
+    @cached_property
     def grouped_reason(self) -> str | None:
-        """Why the template cannot run in ``grouped`` mode, or None (cached: one fx trace)."""
-        if not hasattr(self, "_grouped_reason"):
-            self._grouped_reason = grouped_unsupported(self.template)
-        return self._grouped_reason
+        """Why the template cannot run in ``grouped`` mode, or None (one fx trace, on first use)."""
+        return grouped_unsupported(self.template)
 
     def train(self, params: Mapping[str, Tensor], store: ClientStore, clients: Sequence[int], generator: torch.Generator,
               objective: LocalObjective | None = None) -> LocalResult:
@@ -325,7 +327,7 @@ class LocalTrainer:
         """Every client's gradient from the grouped network, in chunks of clients whose largest
         activation stays under ``GROUPED_ACTIVATION_BUDGET`` elements."""
         if self._grouped_net is None:
-            reason = self.grouped_reason()
+            reason = self.grouped_reason
             if reason is not None:
                 raise ValueError(f"local.mode = 'grouped' cannot run this target: {reason}; use 'loop' or 'auto'")
             self._grouped_net = GroupedNet(self.template)
