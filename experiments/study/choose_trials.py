@@ -19,16 +19,24 @@ import tomllib
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
+# issue 16's client-side baselines: in phase B only where their phase-A trials were run
+OPTIONAL = ("fedprox", "ditto", "fedrep")
 HERE = Path(__file__).resolve().parent
 
 
-def trials(setting: str, results: Path | None = None) -> list[dict]:
-    grid = tomllib.loads((HERE / f"{setting}_grid.toml").read_text())
+def trials(setting: str, results: Path | None = None, suite_file: Path | None = None) -> list[dict]:
+    """Phase-A rows (or those of ``suite_file``, e.g. phase C's suite)."""
+    grid = tomllib.loads((suite_file or HERE / f"{setting}_grid.toml").read_text())
     entry = grid["runs"][0]
     out_dir = (results or ROOT / grid["out"]) / entry["name"]
     rows = []
+    missing = {v["method"] for v in entry["methods"] if not (out_dir / v["name"] / "seed0" / "summary.json").is_file()}
+    for m in sorted(missing & set(OPTIONAL)):
+        print(f"select: {m} left out of {setting}: its trials have not all run", file=sys.stderr)
     for variant in entry["methods"]:
         summary_path = out_dir / variant["name"] / "seed0" / "summary.json"
+        if variant["method"] in OPTIONAL and variant["method"] in missing:
+            continue  # an optional method not (fully) tuned on this setting: left out of its phase B
         if not summary_path.is_file():
             raise SystemExit(f"select: {summary_path} is missing: run shn suite experiments/study/{setting}_grid.toml first")
         summary = json.loads(summary_path.read_text())
@@ -82,9 +90,14 @@ def tuned_suite(setting: str, best: dict[str, dict]) -> str:
         variant("ghn-knn", "ghn", knn), variant("shn-knn", "shn", knn),
         # ablation: the SHN paper's architecture (the trunk reads the sheaf output), same values
         variant("shn-given-replace", "shn", ['graph.kind="given"', 'hypernetwork.graph_branch="replace"']),
+        *(variant(m, m) for m in OPTIONAL if m in best),
         "]",
     ]
     return "\n".join(lines) + "\n"
+
+
+def write_tuned(setting: str, best: dict[str, dict], suite_out: Path | None = None) -> None:
+    (suite_out or HERE / f"{setting}_tuned.toml").write_text(tuned_suite(setting, best))
 
 
 def main(setting: str, results: Path | None = None, suite_out: Path | None = None) -> None:
@@ -100,7 +113,7 @@ def main(setting: str, results: Path | None = None, suite_out: Path | None = Non
         for r in rows:
             w.writerow({**{k: r[k] for k in ("method", "trial", "metric", "value", "best_round")},
                         "chosen": best.get(r["method"]) is r, "set": " ".join(r["set"])})
-    (suite_out or HERE / f"{setting}_tuned.toml").write_text(tuned_suite(setting, best))
+    write_tuned(setting, best, suite_out)
     print(json.dumps({m: b["trial"] for m, b in best.items()}))
 
 

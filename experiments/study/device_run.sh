@@ -3,6 +3,8 @@
 #   MODE=smoke  bash experiments/study/device_run.sh   # GPU check, timings, 2-round smoke of every suite
 #   MODE=full   bash experiments/study/device_run.sh   # the studies (resumable; stops at $BUDGET s)
 #   MODE=grid SETTING=beijing bash experiments/study/device_run.sh   # one setting's grid, selection, 5 seeds (CPU)
+#   MODE=more bash experiments/study/device_run.sh   # depth + heterophily (3 seeds), issue 16's baselines on
+#                                                    # CIFAR-10 Dir 0.1 (GPU), Los-loop phase C (CPU); resumable
 # Expects the datasets under .devdata/ (copied there from ../shared/datasets) and writes one
 # tarball of experiments/results/study and experiments/results/cifar10_paper to $OUT.
 set -u
@@ -47,6 +49,25 @@ if [ "${MODE:-smoke}" = grid ]; then
   cp experiments/study/${S}_tuned.toml "$OUT/" 2>/dev/null
   tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.pt.tmp' experiments/results/study/${S}-grid experiments/results/study/${S} 2>/dev/null
   tail -n 3 "$OUT/${S}_study.log"
+  exit 0
+fi
+
+if [ "${MODE:-smoke}" = more ]; then
+  pids=()
+  timeout $(( $(left) - 25 )) $SHN suite experiments/study/cifar10_dir.toml --jobs ${DIR_JOBS:-5} --set device='"cuda"' \
+     --only /fedprox --only /ditto --only /fedrep --no-progress > "$OUT/dir_baselines.log" 2>&1 &
+  pids+=($!)
+  timeout $(( $(left) - 25 )) $SHN suite experiments/study/depth_heterophily.toml --jobs ${DH_JOBS:-6} \
+     --set device='"cuda"' --no-progress > "$OUT/depth_heterophily.log" 2>&1 &
+  pids+=($!)
+  timeout $(( $(left) - 25 )) $SHN suite experiments/study/losloop_phasec.toml --jobs ${CPU_JOBS:-5} \
+     --no-progress > "$OUT/losloop_phasec.log" 2>&1 &
+  pids+=($!)
+  alive() { for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null && return 0; done; return 1; }
+  while [ "$(left)" -gt 20 ] && alive; do sleep 5; done
+  sleep 2
+  tar czf "$OUT/results.tgz" --exclude='*.pt' --exclude='*.pt.tmp' experiments/results/study 2>/dev/null
+  tail -n 4 "$OUT"/*.log; ls -la "$OUT"
   exit 0
 fi
 

@@ -12,6 +12,9 @@ HERE = Path(__file__).resolve().parent
 # server optimiser and lr for the hypernetwork methods; local lr for FedAvg and Local
 HN_TRIALS = [("sgd", 1e-2), ("sgd", 3e-2), ("adam", 3e-3), ("adam", 1e-2)]
 LOCAL_LRS = [5e-3, 1e-2, 2e-2, 5e-2]
+# the client-side baselines of issue 16, tuned like FedAvg (local lr; their own weights at the
+# defaults: FedProx mu 0.01, Ditto lambda 1, FedRep head_steps = local.steps)
+CLIENT_METHODS = ("fedprox", "ditto", "fedrep")
 SETTINGS = {
     "losloop": ("experiments/configs/traffic_losloop.toml",
                 ["rounds=60", "eval_every=20", "checkpoint_every=20", "local.steps=20"]),
@@ -29,7 +32,7 @@ def variants() -> list[str]:
             extra = ", 'hypernetwork.graph_branch=\"residual\"'" if method != "pfedhn" else ""
             out.append(f'    {{ name = "{method}@{opt}-{lr:g}", method = "{method}", set = ['
                        f"'server.optimizer=\"{opt}\"', \"server.lr={lr:g}\"{extra}] }},")
-    for method in ("fedavg", "local"):
+    for method in ("fedavg", "local", *CLIENT_METHODS):
         for lr in LOCAL_LRS:
             out.append(f'    {{ name = "{method}@local-{lr:g}", method = "{method}", set = ["local.lr={lr:g}"] }},')
     return out
