@@ -39,6 +39,7 @@ from shn.flower.engine import (  # noqa: E402
     resolve_run_config,
     run_federation,
 )
+from shn.flower.simulation import detached_helpers  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 APP_DIR = REPO / "flower_app"
@@ -415,23 +416,6 @@ def descendants(pid: int) -> list[int]:
     kids = [int(p) for p in out]
     return [d for k in kids for d in descendants(k)] + kids
 
-
-def detached_helpers(parents: set[int]) -> list[int]:
-    """flower-superexec / flwr-*app processes started with ``--parent-pid P`` for one of
-    ``parents``: once P has exited they are re-parented to init, so ``pgrep -P`` misses them."""
-    found = []
-    for proc in Path("/proc").iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "--parent-pid" in args:
-            i = args.index("--parent-pid")
-            if i + 1 < len(args) and args[i + 1].isdigit() and int(args[i + 1]) in parents:
-                found.append(int(proc.name))
-    return found
 
 
 def stop(procs: list[subprocess.Popen]) -> None:

@@ -131,17 +131,32 @@ def _helpers(parent: int) -> list[int]:
     found: list[int] = []
     todo = [parent]
     while todo:
-        direct = _direct_helpers(todo.pop())
+        direct = detached_helpers({todo.pop()})
         found += [p for p in direct if p not in found]
         todo += direct
     return found
 
 
-def _direct_helpers(parent: int) -> list[int]:
+def detached_helpers(parents: set[int]) -> list[int]:
+    """Processes started with ``--parent-pid P`` for one of ``parents`` (flower-superexec and
+    flwr-*app helpers): once P has exited they are re-parented to init, so a process-tree walk
+    misses them."""
     found: list[int] = []
     proc_dir = Path("/proc")
     if not proc_dir.is_dir():
         return found
+    for proc in proc_dir.iterdir():
+        if not proc.name.isdigit():
+            continue
+        try:
+            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
+        except OSError:
+            continue
+        if "--parent-pid" in args:
+            i = args.index("--parent-pid")
+            if i + 1 < len(args) and args[i + 1].isdigit() and int(args[i + 1]) in parents:
+                found.append(int(proc.name))
+    return found
     for proc in proc_dir.iterdir():
         if not proc.name.isdigit():
             continue
