@@ -4,7 +4,8 @@
 
 Runs `shn compare` over experiments/results/study/<setting>/ (phase-B outputs), writes
 experiments/results/study/paired/{paired.md,paired.csv} and replaces the block between the
-README's `<!-- paired:start -->` and `<!-- paired:end -->` markers with the table.
+README's `<!-- paired:start -->` and `<!-- paired:end -->` markers with the table (and the
+`vsghn`, `depth` and `heterophily` blocks: SHN against GHN, and grid_studies.py's tables).
 """
 
 from __future__ import annotations
@@ -17,6 +18,9 @@ ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
 from shn.paired import compare, load_runs, markdown, paired_rows  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import grid_studies  # noqa: E402
 
 SETTINGS = ["cifar10-dir0.1", "losloop", "beijing", "chickenpox"]
 
@@ -47,7 +51,10 @@ def main() -> None:
     ghn_table = markdown(vs_ghn, "GHN on the same graph")
     readme = ROOT / "README.md"
     text = replace_block(readme.read_text(), "paired", table)
-    readme.write_text(replace_block(text, "vsghn", ghn_table))
+    text = replace_block(text, "vsghn", ghn_table)
+    for name, study_table in grid_studies.main().items():
+        text = replace_block(text, name, study_table)
+    readme.write_text(text)
     print(table + "\n" + ghn_table)
 
 
