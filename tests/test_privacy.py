@@ -261,3 +261,12 @@ def test_the_pipeline_composes_stage_one_into_epsilon():
     assert [h["epsilon"] for h in result.history] == pytest.approx([epsilon(1.0, 0.5, s, 1e-5) for s in (4, 5)])
     assert result.summary["privacy"]["steps"] == 5
     assert result.summary["stage1_metrics"]["epsilon"] == pytest.approx(epsilon(1.0, 0.5, 3, 1e-5))
+
+
+def test_the_readme_privacy_table_is_a_valid_config():
+    from tests.conftest import REPO
+
+    section = (REPO / "README.md").read_text().split("## Client-level differential privacy", 1)[1].split("\n## ", 1)[0]
+    (block,) = [b for b in section.split("```toml\n")[1:2]]
+    privacy = config_from_dict(tomllib.loads(block.split("```", 1)[0])).privacy
+    assert privacy == PrivacyConfig(clip_norm=0.5, noise_multiplier=1.0, delta=1e-5, accountant="rdp")
