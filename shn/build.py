@@ -21,6 +21,7 @@ from shn.federated.client import ClientRuntime, PersonalStore
 from shn.federated.client_method import ClientMethod
 from shn.federated.local import ClientStore, LocalTrainer
 from shn.federated.attacks import ClientAttack
+from shn.federated.privacy import enable_privacy
 from shn.federated.records import atomic_write_text, mean_over_clients
 from shn.federated.simulation import EvalCallback, RoundFaults, Simulation, nonfinite_clients, write_summary
 from shn.methods import MethodContext
@@ -142,6 +143,7 @@ def build(config: RunConfig, *, task: Task | None = None, graph: Any = None,
     if entry.meta.get("needs_graph") and ctx.graph is None:
         ctx.graph = resolve_graph(config, task, held_out)
     algorithm = entry.factory(ctx)
+    enable_privacy(algorithm, config)  # [privacy]: the Gaussian mechanism in the server step
     per_client = _personal_per_client(algorithm, templates, config.method) if templates is not None else None
     trainer = LocalTrainer(template, task.loss, config.local, templates=templates)
     attack = ClientAttack.from_config(config.attack, config.seed, task.num_clients)
@@ -237,6 +239,7 @@ def _execute(built: Built, run_path: Path | None, resume: bool, progress: bool, 
     result = sim.run(resume=resume)
     summary = make_summary(config, built.task, result.history, result.per_client, result.rejected_updates,
                            result.failed_clients, result.wall_time_s)
+    summary.update(result.extra)  # the engine's own reports ([privacy]: ε spent)
     out = RunResult(config, summary, result.history, result.per_client, run_path, built.algorithm,
                     {"simulation": sim, "built": built, "elapsed": time.perf_counter() - t0})
     for hook in built.context.extras.get("after_training", []):

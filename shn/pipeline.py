@@ -143,6 +143,8 @@ def _run_stages(config: RunConfig, task: Task, root: Path | None, *, resume: boo
     # Stage 3: the graph method, embeddings warm-started from stage 1.
     built = build(config, task=task, graph=graph, warm_embeddings=embeddings, held_out=held_out,
                   warm_hypernetwork=hn_state if full else None)
+    if getattr(built.algorithm, "privacy", None) is not None:  # [privacy]: ε composes over both stages
+        built.algorithm.privacy.prior_steps = stage1_rounds
     stage3_dir = sub(f"stage3_{config.method}")
     if stage3_dir is not None:
         stage3_dir.mkdir(parents=True, exist_ok=True)

@@ -130,6 +130,23 @@ def test_pfedhn_equals_in_process_engine(tmp_path):
                for m in trains)
 
 
+@pytest.mark.parametrize("method", ["fedavg", "pfedhn"])
+def test_differential_privacy_equals_in_process_engine(tmp_path, method):
+    """[privacy]: the clipping and the seeded noise run in the server step both engines share,
+    so the noisy models, the ε in each record and the summary's privacy block are equal."""
+    config = make_config(method=method, clients_per_round=2,
+                         privacy={"clip_norm": 0.5, "noise_multiplier": 1.0})
+    ref = run(config, progress=False)
+    got, _ = flower_run(config, tmp_path)
+    if method == "pfedhn":
+        assert max_diff(ref.algorithm.hn.state_dict(), got.algorithm.hn.state_dict()) <= 1e-6
+    else:
+        assert max(float((a - b).detach().abs().max()) for a, b in zip(ref.algorithm.params, got.algorithm.params)) <= 1e-6
+    same_history(ref.history, got.history)
+    assert [h["epsilon"] for h in got.history] == [h["epsilon"] for h in ref.history]
+    assert got.summary["privacy"] == ref.summary["privacy"] and got.summary["privacy"]["sample_rate"] == 0.5
+
+
 def test_personal_head_stays_in_context_state(tmp_path):
     """pFedHN-PC: the head never travels; it lives in the node's context.state and the results
     equal the in-process engine's (whose PersonalStore is a dict)."""

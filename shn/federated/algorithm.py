@@ -97,6 +97,9 @@ class HyperNetworkAlgorithm(_PersonalMixin):
     mask, so the server differentiates exactly the θ it sent; evaluation uses eval mode
     (:meth:`eval_weights`).
 
+    With ``[privacy]`` (``self.privacy`` set), each client's VJP is clipped and their sum noised
+    instead (:mod:`shn.federated.privacy`: one backward per client).
+
     Args:
         hn: the hypernetwork (already on its device).
         graph: the client graph passed to the encoder (None for pFedHN).
@@ -104,6 +107,8 @@ class HyperNetworkAlgorithm(_PersonalMixin):
         regularizer: optional extra server loss (Panacea's graph reconstruction), already
             weighted; its gradient is added in the same backward pass.
     """
+
+    privacy: Any = None  # the run's GaussianMechanism (shn.federated.privacy.enable_privacy), None: off
 
     def __init__(self, hn: HyperNetwork, config: ServerConfig, *, graph: Any = None, initial: Params | None = None,
                  personal_keys: Sequence[str] = (), regularizer: Regularizer | None = None, seed: int = 0) -> None:
@@ -154,15 +159,22 @@ class HyperNetworkAlgorithm(_PersonalMixin):
         names = list(theta)
         outputs = [theta[n] for n in names]
         scale = 1.0 / len(clients) if self.config.delta_reduction == "mean" else 1.0
-        grad_outputs = [deltas[n].to(theta[n]) * scale for n in names]
-        reg_value = 0.0
+        grad_outputs = [deltas[n].to(theta[n]) for n in names]
+        regs, out = [], {}
         if self.regularizer is not None:
-            reg = self.regularizer(self.hn, self.graph, torch_generator(self.seed, "server-regularizer", self.steps))
-            outputs.append(reg)
-            grad_outputs.append(torch.ones_like(reg))
-            reg_value = float(reg.detach())
-        # The pFedHN update: one vector-Jacobian product for the whole batch of clients.
-        grads = torch.autograd.grad(outputs, params, grad_outputs, allow_unused=True)
+            regs = [self.regularizer(self.hn, self.graph, torch_generator(self.seed, "server-regularizer", self.steps))]
+        if self.privacy is None:
+            # The pFedHN update: one vector-Jacobian product for the whole batch of clients.
+            grads = torch.autograd.grad(outputs + regs, params, [d * scale for d in grad_outputs]
+                                        + [torch.ones_like(r) for r in regs], allow_unused=True)
+        else:  # each client's VJP clipped, their sum noised (shn.federated.privacy)
+            private, clipped = self.privacy.hypernetwork_gradient(outputs, params, grad_outputs, self.steps)
+            out["dp_clipped_clients"] = float(clipped)
+            grads = [None if g is None else g * scale for g in private]
+            if regs:  # the regulariser reads no client update: added without noise
+                grads = [a if b is None else b if a is None else a + b
+                         for a, b in zip(grads, torch.autograd.grad(regs, params, allow_unused=True))]
+        out["server_regularizer"] = float(regs[0].detach()) if regs else 0.0
         for p, g in zip(params, grads):
             p.grad = g
         # pFedHN clips each client's step; a sum of C clients' gradients gets C× the threshold
@@ -170,7 +182,7 @@ class HyperNetworkAlgorithm(_PersonalMixin):
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.steps += 1
-        return {"server_grad_norm": norm, "server_regularizer": reg_value}
+        return {"server_grad_norm": norm, **out}
 
     def state_dict(self) -> dict[str, Any]:
         return {"hn": self.hn.state_dict(), "optimizer": self.optimizer.state_dict(), "steps": self.steps,
@@ -186,7 +198,11 @@ class HyperNetworkAlgorithm(_PersonalMixin):
 class GlobalModelAlgorithm(_PersonalMixin):
     """A global model updated FedOpt-style: the example-weighted mean delta is used as the
     pseudo-gradient of a server optimiser. SGD with lr 1 and no momentum is plain FedAvg
-    (θ ← θ − mean Δ = mean θ̃); momentum / Nesterov / Adam give FedAvgM / FedAdam."""
+    (θ ← θ − mean Δ = mean θ̃); momentum / Nesterov / Adam give FedAvgM / FedAdam. With
+    ``[privacy]`` (``self.privacy`` set) the pseudo-gradient is DP-FedAvg's unweighted mean of
+    clipped deltas plus noise (:mod:`shn.federated.privacy`)."""
+
+    privacy: Any = None  # the run's GaussianMechanism (shn.federated.privacy.enable_privacy), None: off
 
     def __init__(self, initial: Params, config: ServerConfig, *, personal_keys: Sequence[str] = (),
                  aggregate: Callable[[Tensor, Tensor], Tensor] | None = None, spec: ParamSpec | None = None) -> None:
@@ -199,6 +215,7 @@ class GlobalModelAlgorithm(_PersonalMixin):
             [nn.Parameter(self._initial[n].clone()) for n in self.server_spec.names]
         )
         self.optimizer = make_optimizer(config, [{"params": list(self.params)}]) if len(self.params) else None
+        self.steps = 0  # server steps taken (the privacy noise's stream)
 
     def weights_for(self, clients: Sequence[int]) -> Params:
         return {n: p.detach().unsqueeze(0).expand(len(clients), *p.shape).clone()
@@ -207,16 +224,25 @@ class GlobalModelAlgorithm(_PersonalMixin):
     def apply_updates(self, clients: Sequence[int], deltas: Params, num_examples: Tensor) -> dict[str, float]:
         if self.optimizer is None:
             return {}
-        weights = num_examples.to(self.params[0].device, torch.float64)
-        for n, p in zip(self.server_spec.names, self.params):
-            p.grad = self.aggregate(deltas[n].to(p), weights).to(p.dtype)
+        out = {}
+        if self.privacy is None:
+            weights = num_examples.to(self.params[0].device, torch.float64)
+            for n, p in zip(self.server_spec.names, self.params):
+                p.grad = self.aggregate(deltas[n].to(p), weights).to(p.dtype)
+        else:  # DP-FedAvg: clipped deltas summed, noised, divided by the clients' count (unweighted)
+            mean, clipped = self.privacy.mean_update([deltas[n].to(p) for n, p in zip(self.server_spec.names, self.params)],
+                                                     self.steps)
+            for p, g in zip(self.params, mean):
+                p.grad = g.to(p.dtype)
+            out["dp_clipped_clients"] = float(clipped)
         norm = _clip(list(self.params), self.config.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return {"server_grad_norm": norm}
+        self.steps += 1
+        return {"server_grad_norm": norm, **out}
 
     def state_dict(self) -> dict[str, Any]:
-        return {"params": [p.detach().clone() for p in self.params],
+        return {"params": [p.detach().clone() for p in self.params], "steps": self.steps,
                 "optimizer": self.optimizer.state_dict() if self.optimizer else None, "initial": self._initial}
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -226,6 +252,7 @@ class GlobalModelAlgorithm(_PersonalMixin):
         if self.optimizer is not None:
             self.optimizer.load_state_dict(state["optimizer"])
         self._initial = dict(state["initial"])
+        self.steps = int(state.get("steps", 0))  # (checkpoints before the privacy path have none)
 
 
 def has_dropout(module: nn.Module) -> bool:

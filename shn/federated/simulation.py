@@ -26,6 +26,7 @@ from shn.federated.records import (
     restoring,
     save_checkpoint,
 )
+from shn.federated.privacy import PrivacyAccountant
 from shn.federated.server import ClientSampler, Server, unstack
 from shn.seeding import derive_seed, torch_generator
 
@@ -87,7 +88,9 @@ class Simulation:
     and test split with its own personalised weights; a checkpoint every ``checkpoint_every``
     rounds and at the end (when a run directory is given); ``resume=True`` continues from the
     last checkpoint and gives exactly the numbers of an uninterrupted run. When an evaluation's
-    metrics go non-finite the record is logged and :class:`DivergedError` raised.
+    metrics go non-finite the record is logged and :class:`DivergedError` raised. With
+    ``[privacy]`` each record has ``epsilon`` (spent so far) and the result's ``extra`` a
+    ``privacy`` block (:mod:`shn.federated.privacy`).
     """
 
     def __init__(self, config: RunConfig, algorithm: Algorithm, runtime: ClientRuntime, *,
@@ -100,6 +103,9 @@ class Simulation:
         self.pool = list(range(runtime.task.num_clients)) if pool is None else [int(c) for c in pool]
         self.server = Server(algorithm, config.validation, clients=self.pool)  # only training clients send updates
         self.sampler = ClientSampler(config.seed, self.pool, config.clients_per_round)
+        mechanism = getattr(algorithm, "privacy", None)  # [privacy]: ε after each round
+        self.accountant = (PrivacyAccountant(config.privacy, config.clients_per_round, len(self.pool),
+                                             mechanism.prior_steps) if mechanism is not None else None)
         self.run_dir = run_dir
         self.progress = progress
         self.on_eval = on_eval
@@ -183,8 +189,9 @@ class Simulation:
             ):
                 save_checkpoint(self.run_dir, self._state(r, time.perf_counter() - t0))
         bar.close()
+        extra = {"privacy": self.accountant.report(cfg.rounds)} if self.accountant is not None else {}
         return SimulationResult(self.history, self.per_client, self.server.rejections.count(), self.failed,
-                                time.perf_counter() - t0, cfg.rounds)
+                                time.perf_counter() - t0, cfg.rounds, extra)
 
     def _evaluate_round(self, r: int, elapsed: float) -> dict[str, Any]:
         self.per_client = self.evaluate()
@@ -204,6 +211,8 @@ class Simulation:
         record["failed_clients"] = self.failed
         record["client_updates"] = self.client_updates  # local trainings so far (the budget)
         record["failed_this_period"] = self.failed - int(previous.get("failed_clients", 0))
+        if self.accountant is not None:  # ε at privacy.delta after r rounds (∞, written null, without noise)
+            record["epsilon"] = self.accountant.epsilon(r)
         attack = getattr(self.runtime, "attack", None)
         if attack is not None:  # simulated malicious clients: the honest clients' mean test metrics
             honest = {c: row for c, row in self.per_client.items() if int(c) not in attack.malicious}

@@ -346,6 +346,7 @@ def _run_federation(grid: Any, config: RunConfig, settings: EngineSettings, run_
     result = sim.run()
     summary = make_summary(config, task, result.history, result.per_client, result.rejected_updates,
                            result.failed_clients, result.wall_time_s)
+    summary.update(result.extra)  # the engine's own reports ([privacy]: ε spent)
     summary["engine"] = "flower"
     summary["failed_evaluations"] = sim.failed_evaluations
     summary["rejected_evaluations"] = sim.rejected_evaluations
