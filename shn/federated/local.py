@@ -20,6 +20,11 @@ Client-side methods (:mod:`shn.federated.client_method`) change a training phase
 :class:`LocalObjective`: an extra loss term (FedProx's proximal pull), the tensors trained (FedRep's
 head, then body), the number of steps and the optimiser. Both paths run it, vmap-batched in the
 ``vmap`` path. Without one (``objective=None``) training is plain SGD on the task loss.
+
+``local.precision = "bf16"`` runs the model's forward and the task loss of every path under
+``torch.autocast`` to bfloat16 on the data's device (:func:`autocast_loss`); the weights, their
+gradients, the optimiser state and the trained weights stay float32. ``"fp32"`` adds nothing, so
+its numbers are those of a trainer without the option.
 """
 
 from __future__ import annotations
@@ -166,14 +171,18 @@ class LocalTrainer:
         self._client_grads = {int(c): autograd_grad_and_value(self._loss_of(t)) for c, t in self.templates.items()}
 
     def _loss_of(self, template: nn.Module) -> Callable[..., Tensor]:
-        return lambda p, x, *targets: self.loss(functional_call(template, p, (x,)), *targets)
+        """``(params, x, *targets) -> task loss`` for one client, in ``local.precision``."""
+        return autocast_loss(lambda p, x, *targets: self.loss(functional_call(template, p, (x,)), *targets),
+                             self.config.precision)
 
     def _objective_loss(self, template: nn.Module, penalty: Penalty | None) -> Callable[..., tuple[Tensor, Tensor]]:
         """``(trainable, frozen, anchor, x, *targets) -> (task loss + penalty, task loss)``."""
 
+        task_loss = self._loss_of(template)  # the penalty stays outside autocast, in float32
+
         def loss(trainable: Params, frozen: Params, anchor: Params, x: Tensor, *targets: Tensor) -> tuple[Tensor, Tensor]:
             p = {**frozen, **trainable}
-            task = self.loss(functional_call(template, p, (x,)), *targets)
+            task = task_loss(p, x, *targets)
             return (task + penalty(p, anchor) if penalty is not None else task), task
 
         return loss
@@ -331,7 +340,8 @@ class LocalTrainer:
             if reason is not None:
                 raise ValueError(f"local.mode = 'grouped' cannot run this target: {reason}; use 'loop' or 'auto'")
             self._grouped_net = GroupedNet(self.template)
-            self._grouped_grad = autograd_grad_and_value(grouped_loss(self._grouped_net, self.loss))
+            self._grouped_grad = autograd_grad_and_value(
+                autocast_loss(grouped_loss(self._grouped_net, self.loss), self.config.precision))
         C = batch[0].shape[0]
         shape = tuple(batch[0].shape[1:])
         if shape not in self._grouped_numel:
@@ -391,6 +401,25 @@ def autograd_grad_and_value(loss: Callable[..., Any], has_aux: bool = False) -> 
         return (grads, (value.detach(), aux.detach())) if has_aux else (grads, value.detach())
 
     return grad_and_value_
+
+
+def autocast_loss(loss: Callable[..., Tensor], precision: str) -> Callable[..., Tensor]:
+    """``loss(params, x, *targets)`` in ``precision``: itself for ``"fp32"``; for ``"bf16"`` run
+    under ``torch.autocast(x.device.type, torch.bfloat16)`` — convolutions and matmuls in
+    bfloat16 (the autocast op lists; the float32 weights are cast per call, so their gradients
+    come back float32), losses such as cross-entropy in float32 — and the value returned as
+    float32. Works inside ``torch.func.vmap``/``grad_and_value`` too."""
+    if precision == "fp32":
+        return loss
+    if precision != "bf16":
+        raise ValueError(f"local.precision: {precision!r} is not allowed; allowed values: 'fp32', 'bf16'")
+
+    def mixed(p: Params, x: Tensor, *targets: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            value = loss(p, x, *targets)
+        return value.float() if value.dtype == torch.bfloat16 else value
+
+    return mixed
 
 
 def sgd_step(p: Params, grads: Params, buf: Params | None, cfg: LocalConfig) -> tuple[Params, Params]:
