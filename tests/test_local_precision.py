@@ -26,7 +26,8 @@ DELTA_RTOL_BF16 = 0.35
 NOISE_SHARE = 0.4
 
 MODES = ["loop", "vmap", "grouped"]
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device"))]
+NO_CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+DEVICES = ["cpu", pytest.param("cuda", marks=NO_CUDA)]
 CFG = dict(steps=5, lr=0.05, momentum=0.9, weight_decay=1e-3, batch_size=16, grad_clip=50.0)
 CLIENTS = [0, 1, 2, 3]
 STEPS = 150  # local steps of the digits test (measured: held-out accuracy 0.77–0.87)
