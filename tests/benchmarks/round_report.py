@@ -7,7 +7,7 @@ README's W2 table (medians of per-repetition ratios, wall clock and process CPU 
     python tests/benchmarks/round_report.py                      # all workloads, 2 threads
     python tests/benchmarks/round_report.py --workloads gru mlp --rounds 15 --threads 1
     python tests/benchmarks/round_report.py --workloads gru --functorch-loop
-    python tests/benchmarks/round_report.py --workloads cifar_cnn --precision fp32 bf16   # + local.precision = "bf16"
+    python tests/benchmarks/round_report.py --workloads cifar_cnn --modes loop grouped --precision fp32 bf16
 
 Workloads (synthetic data; one repetition = one round for every client):
 
@@ -24,6 +24,7 @@ per-repetition ratio. ``--functorch-loop`` adds ``loop_functorch``: the per-clie
 gradients with ``torch.func.grad_and_value`` as it did before the loop switched to plain autograd
 (the path behind the README's first W2 figures). ``--precision fp32 bf16`` adds every mode once more
 with ``local.precision = "bf16"``, named ``<mode>+bf16``; all ratios stay relative to the fp32 loop.
+``--modes`` restricts the modes timed (the fp32 loop always runs: it is every ratio's reference).
 """
 
 from __future__ import annotations
@@ -191,6 +192,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--functorch-loop", action="store_true",
                         help="also time the loop with torch.func.grad_and_value (before it used autograd)")
+    parser.add_argument("--modes", nargs="+", default=["vmap", "loop", "grouped"], choices=["vmap", "loop", "grouped"],
+                        help="modes to time where the workload supports them (default all)")
     parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
                         help="local.precision values to time every mode in (default fp32; bf16 modes are '<mode>+bf16')")
     args = parser.parse_args(argv)
@@ -203,7 +206,8 @@ def main(argv: list[str] | None = None) -> None:
     print("|---|---|---|---|")
     for name in args.workloads:
         w = WORKLOADS[name]
-        modes = with_precision(tuple(m for m in modes_for(name) if m != "auto"), tuple(dict.fromkeys(args.precision)))
+        supported = tuple(m for m in modes_for(name) if m != "auto" and m in args.modes)
+        modes = with_precision(supported, tuple(dict.fromkeys(args.precision)))
         if "loop" not in modes:
             modes = ("loop",) + modes  # the reference of every ratio
         if args.functorch_loop:
