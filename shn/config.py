@@ -46,8 +46,8 @@ class LocalConfig:
         precision: the local steps' forward and loss: "fp32", or "bf16" (mixed precision: the
             model's forward and loss run under ``torch.autocast`` to bfloat16 on the data's device;
             weights, gradients, optimiser state and the returned deltas stay float32). bf16 is
-            faster on CPUs with bfloat16 instructions and on GPUs, and is within a tolerance of
-            fp32, not equal to it (README, performance).
+            within a tolerance of fp32, not equal to it; with mode "grouped" it made the CIFAR
+            CNN's local steps 1.9× faster than the fp32 loop per CPU core (README, performance).
     """
 
     steps: int = 50

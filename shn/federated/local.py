@@ -24,7 +24,9 @@ head, then body), the number of steps and the optimiser. Both paths run it, vmap
 ``local.precision = "bf16"`` runs the model's forward and the task loss of every path under
 ``torch.autocast`` to bfloat16 on the data's device (:func:`autocast_loss`); the weights, their
 gradients, the optimiser state and the trained weights stay float32. ``"fp32"`` adds nothing, so
-its numbers are those of a trainer without the option.
+its numbers are those of a trainer without the option. bf16 deltas are within a documented
+tolerance of fp32's (``tests/test_local_precision.py``); with ``grouped`` the CIFAR CNN's steps
+ran 1.9× faster than the fp32 loop per CPU core (README, performance).
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ Params = dict[str, Tensor]
 # the development machine's L3 cache, i.e. chunks of 5 CIFAR-CNN clients at batch 64 — measured
 # faster than chunks of 1, 2 or 10 on a quiet machine, while one call for all 50 (160 MB) was
 # slower than the loop on one thread. Small targets (digits) fit the whole cohort in one call.
+# bf16 (local.precision) keeps the element budget: chunks of 5 ran as fast as chunks of 2 and
+# faster than chunks of 10 in one 1-thread measurement.
 GROUPED_ACTIVATION_BUDGET = 4 * 2**20
 
 
