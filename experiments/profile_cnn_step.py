@@ -2,6 +2,7 @@
 
     python experiments/profile_cnn_step.py                       # loop and grouped, 2 threads
     python experiments/profile_cnn_step.py --modes loop --steps 50 --rows 20
+    python experiments/profile_cnn_step.py --precision bf16        # local.precision = "bf16"
 
 One client update = ``--steps`` local SGD steps (pFedHN: 50) of batch 64 on pFedHN's CIFAR CNN,
 synthetic 3×32×32 inputs. ``loop`` trains one client (the per-client path); ``grouped`` trains a
@@ -42,9 +43,9 @@ def cohort(clients: int, samples: int = 256):
     return template, store, params
 
 
-def profile_mode(mode: str, clients: int, steps: int, rows: int) -> None:
+def profile_mode(mode: str, clients: int, steps: int, rows: int, precision: str = "fp32") -> None:
     template, store, params = cohort(clients)
-    trainer = LocalTrainer(template, classification_loss, LocalConfig(steps=steps, mode=mode))
+    trainer = LocalTrainer(template, classification_loss, LocalConfig(steps=steps, mode=mode, precision=precision))
     ids = list(range(clients))
     trainer.train(params, store, ids, torch.Generator().manual_seed(0))  # warm-up
     with profile(activities=[ProfilerActivity.CPU]) as prof:
@@ -53,7 +54,7 @@ def profile_mode(mode: str, clients: int, steps: int, rows: int) -> None:
         wall = time.perf_counter() - t0
     events = [e for e in prof.key_averages() if e.key.startswith("aten::")]
     total = sum(e.self_cpu_time_total for e in events)
-    print(f"\n{mode}: {clients} client(s) x {steps} steps, {torch.get_num_threads()} threads: "
+    print(f"\n{mode} ({precision}): {clients} client(s) x {steps} steps, {torch.get_num_threads()} threads: "
           f"{wall / (clients * steps) * 1e3:.1f} ms wall per client step")
     print("| op | share of aten self CPU | ms per client step | calls per client step |")
     print("|---|---|---|---|")
@@ -69,10 +70,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--clients", type=int, default=5, help="cohort size for grouped and vmap (loop: 1)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--rows", type=int, default=12)
+    parser.add_argument("--precision", default="fp32", choices=["fp32", "bf16"], help="local.precision")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     for mode in args.modes:
-        profile_mode(mode, 1 if mode == "loop" else args.clients, args.steps, args.rows)
+        profile_mode(mode, 1 if mode == "loop" else args.clients, args.steps, args.rows, args.precision)
 
 
 if __name__ == "__main__":

@@ -43,6 +43,11 @@ class LocalConfig:
             grouped convolutions), or "auto": a documented rule (grouped for convolutional
             targets on CPU when their layers allow it, else loop there; vmap otherwise), chosen
             by rule rather than by timing so that the same config always takes the same path.
+        precision: the local steps' forward and loss: "fp32", or "bf16" (mixed precision: the
+            model's forward and loss run under ``torch.autocast`` to bfloat16 on the data's device;
+            weights, gradients, optimiser state and the returned deltas stay float32). bf16 is
+            within a tolerance of fp32, not equal to it; with mode "grouped" it made the CIFAR
+            CNN's local steps 1.9× faster than the fp32 loop per CPU core (README, performance).
     """
 
     steps: int = 50
@@ -52,9 +57,12 @@ class LocalConfig:
     batch_size: int = 64
     grad_clip: float = 50.0
     mode: Literal["auto", "vmap", "loop", "grouped"] = "auto"
+    precision: Literal["fp32", "bf16"] = "fp32"
 
     def __post_init__(self) -> None:
         _positive(self, "steps", "batch_size")
+        if self.precision not in ("fp32", "bf16"):  # also when built in Python, not from TOML
+            raise ConfigError(f"local.precision: {self.precision!r} is not allowed; allowed values: 'fp32', 'bf16'")
         _non_negative(self, "lr", "momentum", "weight_decay", "grad_clip")
 
 

@@ -100,6 +100,7 @@ BAD = [
     (["local.stepz=3"], ["local.stepz", "unknown key", "steps"]),
     (["task.colour=red"], ["task", "colour"]),
     (["local.mode=fast"], ["local.mode", "'fast'", "'auto'", "'vmap'", "'loop'"]),
+    (["local.precision=fp16"], ["local.precision", "'fp16'", "'fp32'", "'bf16'"]),
     (["server.optimizer=rmsprop"], ["server.optimizer", "'sgd'", "'adam'"]),
     (["method=nope"], ["method", "nope", "pfedhn", "fedavg", "local"]),
     (["task.name=imagenet"], ["task.name", "imagenet", "digits", "cifar10"]),
@@ -231,6 +232,7 @@ def test_cli_unknown_key_in_config_file(tmp_path, capsys):
 
 @pytest.mark.parametrize("override,words", [
     ("local.mode=fast", ["local.mode", "'auto'", "'vmap'", "'loop'"]),
+    ("local.precision=half", ["local.precision", "'half'", "'fp32'", "'bf16'"]),
     ("rounds=abc", ["rounds", "integer"]),
     ("method=nope", ["method", "pfedhn"]),
     ("task.classes_per_client=11", ["classes_per_client", "11"]),

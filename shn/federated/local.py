@@ -20,6 +20,13 @@ Client-side methods (:mod:`shn.federated.client_method`) change a training phase
 :class:`LocalObjective`: an extra loss term (FedProx's proximal pull), the tensors trained (FedRep's
 head, then body), the number of steps and the optimiser. Both paths run it, vmap-batched in the
 ``vmap`` path. Without one (``objective=None``) training is plain SGD on the task loss.
+
+``local.precision = "bf16"`` runs the model's forward and the task loss of every path under
+``torch.autocast`` to bfloat16 on the data's device (:func:`autocast_loss`); the weights, their
+gradients, the optimiser state and the trained weights stay float32. ``"fp32"`` adds nothing, so
+its numbers are those of a trainer without the option. bf16 deltas are within a documented
+tolerance of fp32's (``tests/test_local_precision.py``); with ``grouped`` the CIFAR CNN's steps
+ran 1.9× faster than the fp32 loop per CPU core (README, performance).
 """
 
 from __future__ import annotations
@@ -44,6 +51,8 @@ Params = dict[str, Tensor]
 # the development machine's L3 cache, i.e. chunks of 5 CIFAR-CNN clients at batch 64 — measured
 # faster than chunks of 1, 2 or 10 on a quiet machine, while one call for all 50 (160 MB) was
 # slower than the loop on one thread. Small targets (digits) fit the whole cohort in one call.
+# bf16 (local.precision) keeps the element budget: chunks of 5 ran as fast as chunks of 2 and
+# faster than chunks of 10 in one 1-thread measurement.
 GROUPED_ACTIVATION_BUDGET = 4 * 2**20
 
 
@@ -166,14 +175,18 @@ class LocalTrainer:
         self._client_grads = {int(c): autograd_grad_and_value(self._loss_of(t)) for c, t in self.templates.items()}
 
     def _loss_of(self, template: nn.Module) -> Callable[..., Tensor]:
-        return lambda p, x, *targets: self.loss(functional_call(template, p, (x,)), *targets)
+        """``(params, x, *targets) -> task loss`` for one client, in ``local.precision``."""
+        return autocast_loss(lambda p, x, *targets: self.loss(functional_call(template, p, (x,)), *targets),
+                             self.config.precision)
 
     def _objective_loss(self, template: nn.Module, penalty: Penalty | None) -> Callable[..., tuple[Tensor, Tensor]]:
         """``(trainable, frozen, anchor, x, *targets) -> (task loss + penalty, task loss)``."""
 
+        task_loss = self._loss_of(template)  # the penalty stays outside autocast, in float32
+
         def loss(trainable: Params, frozen: Params, anchor: Params, x: Tensor, *targets: Tensor) -> tuple[Tensor, Tensor]:
             p = {**frozen, **trainable}
-            task = self.loss(functional_call(template, p, (x,)), *targets)
+            task = task_loss(p, x, *targets)
             return (task + penalty(p, anchor) if penalty is not None else task), task
 
         return loss
@@ -331,7 +344,8 @@ class LocalTrainer:
             if reason is not None:
                 raise ValueError(f"local.mode = 'grouped' cannot run this target: {reason}; use 'loop' or 'auto'")
             self._grouped_net = GroupedNet(self.template)
-            self._grouped_grad = autograd_grad_and_value(grouped_loss(self._grouped_net, self.loss))
+            self._grouped_grad = autograd_grad_and_value(
+                autocast_loss(grouped_loss(self._grouped_net, self.loss), self.config.precision))
         C = batch[0].shape[0]
         shape = tuple(batch[0].shape[1:])
         if shape not in self._grouped_numel:
@@ -391,6 +405,25 @@ def autograd_grad_and_value(loss: Callable[..., Any], has_aux: bool = False) -> 
         return (grads, (value.detach(), aux.detach())) if has_aux else (grads, value.detach())
 
     return grad_and_value_
+
+
+def autocast_loss(loss: Callable[..., Tensor], precision: str) -> Callable[..., Tensor]:
+    """``loss(params, x, *targets)`` in ``precision``: itself for ``"fp32"``; for ``"bf16"`` run
+    under ``torch.autocast(x.device.type, torch.bfloat16)`` — convolutions and matmuls in
+    bfloat16 (the autocast op lists; the float32 weights are cast per call, so their gradients
+    come back float32), losses such as cross-entropy in float32 — and the value returned as
+    float32. Works inside ``torch.func.vmap``/``grad_and_value`` too."""
+    if precision == "fp32":
+        return loss
+    if precision != "bf16":
+        raise ValueError(f"local.precision: {precision!r} is not allowed; allowed values: 'fp32', 'bf16'")
+
+    def mixed(p: Params, x: Tensor, *targets: Tensor) -> Tensor:
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            value = loss(p, x, *targets)
+        return value.float() if value.dtype == torch.bfloat16 else value
+
+    return mixed
 
 
 def sgd_step(p: Params, grads: Params, buf: Params | None, cfg: LocalConfig) -> tuple[Params, Params]:

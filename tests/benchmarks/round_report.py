@@ -7,6 +7,7 @@ README's W2 table (medians of per-repetition ratios, wall clock and process CPU 
     python tests/benchmarks/round_report.py                      # all workloads, 2 threads
     python tests/benchmarks/round_report.py --workloads gru mlp --rounds 15 --threads 1
     python tests/benchmarks/round_report.py --workloads gru --functorch-loop
+    python tests/benchmarks/round_report.py --workloads cifar_cnn --modes loop grouped --precision fp32 bf16
 
 Workloads (synthetic data; one repetition = one round for every client):
 
@@ -21,7 +22,9 @@ Modes are timed in turn within each repetition, the order rotated every repetiti
 drifts on a shared machine hits them alike; a ratio is the median over repetitions of the
 per-repetition ratio. ``--functorch-loop`` adds ``loop_functorch``: the per-client loop taking
 gradients with ``torch.func.grad_and_value`` as it did before the loop switched to plain autograd
-(the path behind the README's first W2 figures).
+(the path behind the README's first W2 figures). ``--precision fp32 bf16`` adds every mode once more
+with ``local.precision = "bf16"``, named ``<mode>+bf16``; all ratios stay relative to the fp32 loop.
+``--modes`` restricts the modes timed (the fp32 loop always runs: it is every ratio's reference).
 """
 
 from __future__ import annotations
@@ -124,12 +127,19 @@ def modes_for(name: str) -> tuple[str, ...]:
     return ("vmap", "loop", "grouped", "auto") if supported else ("vmap", "loop", "auto")
 
 
+def with_precision(modes: tuple[str, ...], precisions: tuple[str, ...]) -> tuple[str, ...]:
+    """``modes`` once per precision: fp32 as named, others as ``<mode>+<precision>``."""
+    return tuple(m if p == "fp32" else f"{m}+{p}" for p in precisions for m in modes)
+
+
 def make_round(name: str, mode: str):
     """(a function running one round of local training in ``mode``, the mode ``auto`` resolves to).
-    ``mode = "loop_functorch"``: the loop with ``torch.func.grad_and_value`` per client."""
+    ``mode = "loop_functorch"``: the loop with ``torch.func.grad_and_value`` per client;
+    ``"<mode>+bf16"``: ``mode`` with ``local.precision = "bf16"``."""
     w = WORKLOADS[name]
     template, store, params, clients = prepared(name)
-    cfg = LocalConfig(steps=w.steps, batch_size=w.batch_size,
+    mode, _, precision = mode.partition("+")
+    cfg = LocalConfig(steps=w.steps, batch_size=w.batch_size, precision=precision or "fp32",
                       mode="loop" if mode == "loop_functorch" else mode)  # pFedHN's lr/momentum/wd/clip
     trainer = LocalTrainer(template, w.loss, cfg)
     if mode == "loop_functorch":
@@ -165,6 +175,16 @@ def ratio(times, a: str, b: str, kind: str = "wall") -> float:
     return statistics.median(x / y for x, y in zip(times[a][kind], times[b][kind]))
 
 
+def bf16_instructions() -> str:
+    """The CPU's bfloat16 instruction sets named in /proc/cpuinfo (Linux), or a note why not."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        return "unknown (no /proc/cpuinfo)"
+    found = sorted(f for f in flags.split(":", 1)[1].split() if "bf16" in f)
+    return ", ".join(found) or "none"
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workloads", nargs="+", default=sorted(WORKLOADS), choices=sorted(WORKLOADS))
@@ -172,16 +192,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch intra-op threads (default 2)")
     parser.add_argument("--functorch-loop", action="store_true",
                         help="also time the loop with torch.func.grad_and_value (before it used autograd)")
+    parser.add_argument("--modes", nargs="+", default=["vmap", "loop", "grouped"], choices=["vmap", "loop", "grouped"],
+                        help="modes to time where the workload supports them (default all)")
+    parser.add_argument("--precision", nargs="+", default=["fp32"], choices=["fp32", "bf16"],
+                        help="local.precision values to time every mode in (default fp32; bf16 modes are '<mode>+bf16')")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     load = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
+    cpu_bf16 = f", CPU bfloat16 instructions: {bf16_instructions()}" if DEVICE.type == "cpu" else ""
     print(f"W2, {args.threads} threads, {args.rounds} interleaved repetitions, {DEVICE}, "
-          f"load average at start {load:.1f} on {os.cpu_count()} CPUs\n")
+          f"load average at start {load:.1f} on {os.cpu_count()} CPUs{cpu_bf16 if 'bf16' in args.precision else ''}\n")
     print("| target × clients (steps) | median s per round | time / loop time: wall (process CPU) | `auto` picks |")
     print("|---|---|---|---|")
     for name in args.workloads:
         w = WORKLOADS[name]
-        modes = tuple(m for m in modes_for(name) if m != "auto")
+        supported = tuple(m for m in modes_for(name) if m != "auto" and m in args.modes)
+        modes = with_precision(supported, tuple(dict.fromkeys(args.precision)))
+        if "loop" not in modes:
+            modes = ("loop",) + modes  # the reference of every ratio
         if args.functorch_loop:
             modes += ("loop_functorch",)
         t = interleaved(name, modes, args.rounds)

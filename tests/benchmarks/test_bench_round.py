@@ -10,13 +10,15 @@ Local training of one round, every client of the round at once, in the ``LocalTr
 the GRU forecaster × 207); ``python tests/benchmarks/round_report.py`` prints the same ratios as
 the README's table. Also the pFedHN server update for 50 CIFAR-CNN clients: one batched
 vector–Jacobian product for all 50 (``HyperNetworkAlgorithm.apply_updates``) vs one backward per
-client.
+client. With ``local.precision = "bf16"`` (modes named ``<mode>+bf16``): every mode's round, and
+the CIFAR CNN's loop and grouped modes in both precisions interleaved (``python
+tests/benchmarks/round_report.py --workloads cifar_cnn --precision fp32 bf16`` prints the same).
 
 Ratios (medians of per-repetition ratios; ``*_min`` from the minima) go to ``extra_info`` and are
 printed: ``vmap_over_loop`` and ``grouped_over_loop`` (< 1: faster than the loop),
 ``auto_over_best`` = auto / the fastest other mode (≈ 1 when the ``auto`` rule picks it),
-``per_client_over_batched`` for the server update. Absolute times on shared 2-core machines move
-by ±20% or more; compare ratios from one run.
+``per_client_over_batched`` for the server update; ``<mode>+bf16_over_loop`` against the fp32
+loop. Absolute times on shared 2-core machines move by ±20% or more; compare ratios from one run.
 
 Environment: ``SHN_BENCH_ROUNDS`` (default 10 repetitions), ``SHN_BENCH_DEVICE`` (default cpu).
 """
@@ -35,7 +37,8 @@ from shn.hypernetwork import HyperNetwork
 from shn.target import ParamSpec
 from tasks.models import PFedHNCNN
 
-from .round_report import DEVICE, WORKLOADS, interleaved, make_round, modes_for, ratio
+from .round_report import (DEVICE, WORKLOADS, bf16_instructions, interleaved, make_round, modes_for, ratio,
+                           with_precision)
 from .round_report import sync as _sync
 
 pytest.importorskip("pytest_benchmark")
@@ -43,6 +46,9 @@ pytest.importorskip("pytest_benchmark")
 ROUNDS = int(os.environ.get("SHN_BENCH_ROUNDS", "10"))
 AUTO_TOLERANCE = 1.3  # auto may be this much slower than the faster mode (noise on shared machines)
 MODE_CASES = [(name, mode) for name in sorted(WORKLOADS) for mode in modes_for(name)]
+MODE_CASES += [(name, mode) for name in sorted(WORKLOADS)
+               for mode in with_precision(tuple(m for m in modes_for(name) if m != "auto"), ("bf16",))]
+CONV_WORKLOADS = [name for name in sorted(WORKLOADS) if "grouped" in modes_for(name)]
 
 
 @pytest.mark.parametrize(("name", "mode"), MODE_CASES)
@@ -110,6 +116,31 @@ def test_w2_mode_ratios(benchmark, capsys, name):
         f"({fastest}); revisit LocalTrainer.resolve_mode")
     if "grouped" in modes:  # the grouped network exists to beat the per-client loop on CPU
         assert DEVICE.type != "cpu" or ratios["grouped_over_loop"] < 1, ratios
+
+
+@pytest.mark.parametrize("name", CONV_WORKLOADS)
+def test_w2_bf16_ratios(benchmark, capsys, name):
+    """The loop and grouped modes in fp32 and bf16 interleaved: every ratio against the fp32 loop
+    (the README's W2 bf16 rows)."""
+    w = WORKLOADS[name]
+    modes = with_precision(("loop", "grouped"), ("fp32", "bf16"))
+    result: dict = {}
+    benchmark.group = "W2 local training: fp32 and bf16 interleaved"
+    benchmark.pedantic(lambda: result.update(interleaved(name, modes, ROUNDS)), rounds=1, iterations=1)
+    ratios = {f"{m}_over_loop": ratio(result, m, "loop") for m in modes if m != "loop"}
+    ratios.update({f"{m}_over_loop_cpu": ratio(result, m, "loop", "cpu") for m in modes if m != "loop"})
+    cpu_bf16 = bf16_instructions() if DEVICE.type == "cpu" else "n/a"
+    benchmark.extra_info.update(workload=name, clients=w.clients, steps=w.steps, batch_size=w.batch_size,
+                                threads=torch.get_num_threads(), device=str(DEVICE), cpu_bf16_instructions=cpu_bf16,
+                                load_average=os.getloadavg()[0], **ratios,
+                                **{f"{m}_median_s": statistics.median(result[m]["wall"]) for m in modes})
+    with capsys.disabled():
+        print(f"\nW2 {name} fp32/bf16 ({DEVICE}, {torch.get_num_threads()} threads, load {os.getloadavg()[0]:.1f}, "
+              f"CPU bf16: {cpu_bf16}): " + "  ".join(
+                  f"{m}/loop = {ratios[m + '_over_loop']:.2f} (cpu {ratios[m + '_over_loop_cpu']:.2f})"
+                  for m in modes if m != "loop"))
+    if DEVICE.type == "cpu" and cpu_bf16 not in ("none", "unknown (no /proc/cpuinfo)"):
+        assert ratios["grouped+bf16_over_loop"] < 1, ratios  # native bf16: grouped bf16 beats the fp32 loop
 
 
 # -- the server update ----------------------------------------------------------------------------
