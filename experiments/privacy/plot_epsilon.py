@@ -65,6 +65,8 @@ def main(root: Path) -> None:
             ax.plot(*zip(*pts), "o-", color=f"C{i}", label=f"{method}, σ ∈ {{{', '.join(f'{s:g}' for s in sorted(by_sigma) if s)}}}")
     n = len({r["seed"] for r in data})
     ax.set_xscale("log")
+    if "accuracy" not in metric:  # errors span orders of magnitude once the noise dominates
+        ax.set_yscale("log")
     ax.set_xlabel(f"ε at δ = {data[0]['delta']:g} (client-level, RDP accountant)")
     ax.set_ylabel(f"test {metric.removeprefix('test_')} at the best validation round")
     ax.set_title(f"{root.name}: C = {data[0]['clip_norm']:g}, n = {n} seed{'s' if n > 1 else ''}")
