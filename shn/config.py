@@ -19,6 +19,7 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from shn.config_compression import CompressionConfig
 from shn.config_files import ConfigError, read_config, read_toml
 from shn.config_toml import config_to_dict, dumps_toml
 from shn.registry import METHODS, TASKS
@@ -349,6 +350,7 @@ class RunConfig:
         attack: the [attack] table: simulated malicious clients.
         faults: the [faults] table: injected client failures.
         novel: the [novel] table: novel-client generalisation.
+        compression: the [compression] table: compression of the clients' uploads.
         methods: per-method options, [methods.<name>] tables (only the active method's are used).
         sweep: the optuna search space of ``shn sweep``: parameter path → distribution table.
     """
@@ -370,6 +372,7 @@ class RunConfig:
     attack: AttackConfig = field(default_factory=AttackConfig)
     faults: FaultConfig = field(default_factory=FaultConfig)
     novel: NovelConfig = field(default_factory=NovelConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     methods: Mapping[str, Any] = field(default_factory=dict)
     sweep: Mapping[str, Any] = field(default_factory=dict)
 
@@ -559,7 +562,7 @@ def _non_negative(obj: Any, *names: str) -> None:
 
 
 __all__ = [
-    "AttackConfig", "ConfigError", "EncoderConfig", "FaultConfig", "GraphConfig", "HyperNetworkConfig",
+    "AttackConfig", "CompressionConfig", "ConfigError", "EncoderConfig", "FaultConfig", "GraphConfig", "HyperNetworkConfig",
     "LocalConfig", "NovelConfig", "RunConfig", "ServerConfig", "TaskConfig", "ValidationConfig",
     "apply_overrides", "config_from_dict", "config_to_dict", "dumps_toml", "load_config", "read_config",
 ]
