@@ -155,8 +155,12 @@ def _run_stages(config: RunConfig, task: Task, root: Path | None, *, resume: boo
                                   "k": config.graph.k, "stage3_init": config.graph.stage3_init}
     result.summary["stage1_embedding_drift"] = drift
     stage3_updates = int(result.summary.get("budget", {}).get("client_updates", 0))
+    stage1_bytes = int(stage1_summary.get("budget", {}).get("bytes_total", 0))
+    stage3_bytes = int(result.summary.get("budget", {}).get("bytes_total", 0))
     result.summary["budget"] = {"client_updates": stage1_updates + stage3_updates,
-                                "stage1_client_updates": stage1_updates, "stage3_client_updates": stage3_updates}
+                                "stage1_client_updates": stage1_updates, "stage3_client_updates": stage3_updates,
+                                "bytes_total": stage1_bytes + stage3_bytes, "stage1_bytes_total": stage1_bytes,
+                                "stage3_bytes_total": stage3_bytes}
     if root is not None:
         write_summary(root, result.summary)
         if stage3_dir is not None:
