@@ -218,6 +218,9 @@ def test_curves_against_cumulative_bytes(tmp_path):
                    summary_extra={"budget": {"bytes_total": 5_000_000, "stage1_bytes_total": 1_000_000}})
         _study_run(tmp_path / "old" / f"s{seed}", "pfedhn", seed, 0.6, history=[
             {k: v for k, v in h.items() if k != "bytes_total"} for h in hist])
+        # a pipeline run whose stage 1 came from a cache entry written before byte counting
+        _study_run(tmp_path / "ghn" / f"s{seed}", "ghn", seed, 0.6, history=hist, graph={"kind": "knn"},
+                   summary_extra={"budget": {"bytes_total": None, "stage1_bytes_total": None}})
     groups = group_runs(find_runs([tmp_path]))
     drawn = plot_curves(groups, tmp_path / "b.png", x="bytes")
     assert drawn["xlabel"].startswith("cumulative communication, MB") and "stage 1" in drawn["xlabel"]
@@ -226,6 +229,7 @@ def test_curves_against_cumulative_bytes(tmp_path):
     assert series["fedavg"]["x"] == [2.0, 4.0]
     assert series["fedavg (compression.kind=topk)"]["x"] == [0.5, 1.0]
     assert series["shn (graph.kind=knn)"]["x"] == [3.0, 5.0] and "pfedhn" not in series
+    assert not any(name.startswith("ghn") for name in series)
     with pytest.raises(ValueError, match="'flops' is not a curve axis; allowed: updates, bytes"):
         plot_curves(groups, tmp_path / "x.png", x="flops")
     assert main(["report", str(tmp_path), "--out", str(tmp_path / "report"), "--x", "bytes"]) == 0

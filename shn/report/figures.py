@@ -55,6 +55,9 @@ def _curve(run: Run, metric: str, x: str = "updates") -> dict[int, tuple[float, 
     the records' ``client_updates`` (older records without it: round × clients_per_round);
     ``"bytes"``: their cumulative ``bytes_total`` in MB (records without it are left out)."""
     if x == "bytes":
+        budget = run.summary.get("budget")
+        if isinstance(budget, Mapping) and "stage1_bytes_total" in budget and not _number(budget["stage1_bytes_total"]):
+            return {}  # a pipeline run whose stage-1 bytes are unknown (a cache entry from before byte counting)
         offset = _updates_offset(run, "bytes")
         return {h["round"]: ((offset + float(h["bytes_total"])) / MB, float(h[metric])) for h in run.history
                 if _number(h.get(metric)) and _number(h.get("bytes_total")) and isinstance(h.get("round"), int)}
