@@ -89,7 +89,10 @@ class Simulation:
     and test split with its own personalised weights; a checkpoint every ``checkpoint_every``
     rounds and at the end (when a run directory is given); ``resume=True`` continues from the
     last checkpoint and gives exactly the numbers of an uninterrupted run. When an evaluation's
-    metrics go non-finite the record is logged and :class:`DivergedError` raised.
+    metrics go non-finite the record is logged and :class:`DivergedError` raised. Each round's
+    uploads go through ``[compression]`` (:mod:`shn.federated.compression`) and are decoded here;
+    the bytes each client receives and sends are counted (:mod:`shn.federated.traffic`) and
+    every record carries the totals so far.
     """
 
     def __init__(self, config: RunConfig, algorithm: Algorithm, runtime: ClientRuntime, *,
