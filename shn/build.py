@@ -19,6 +19,7 @@ from shn.config import ConfigError, RunConfig, config_to_dict, dumps_toml
 from shn.federated.algorithm import Algorithm
 from shn.federated.client import ClientRuntime, PersonalStore
 from shn.federated.client_method import ClientMethod
+from shn.federated.compression import ClientUpload
 from shn.federated.local import ClientStore, LocalTrainer
 from shn.federated.attacks import ClientAttack
 from shn.federated.privacy import enable_privacy
@@ -150,7 +151,8 @@ def build(config: RunConfig, *, task: Task | None = None, graph: Any = None,
     store = _client_store(task, store_clients, device, attack, config.seed)
     client = _client_method(ctx, config.method)
     personal = PersonalStore(algorithm.initial_personal(), per_client=per_client, state=client.initial_state(ctx.initial))
-    runtime = ClientRuntime(task, trainer, store, personal, method=client)
+    runtime = ClientRuntime(task, trainer, store, personal, method=client,
+                            upload=ClientUpload.from_config(config.compression, algorithm.server_spec))
     runtime.attack = attack
     _faults_and_attack_reports(ctx, attack)
     return Built(config, task, ctx, algorithm, runtime)
@@ -240,6 +242,7 @@ def _execute(built: Built, run_path: Path | None, resume: bool, progress: bool, 
     summary = make_summary(config, built.task, result.history, result.per_client, result.rejected_updates,
                            result.failed_clients, result.wall_time_s)
     summary.update(result.extra)  # the engine's own reports ([privacy]: ε spent)
+    summary["communication"] = sim.traffic.summary(config.compression)
     out = RunResult(config, summary, result.history, result.per_client, run_path, built.algorithm,
                     {"simulation": sim, "built": built, "elapsed": time.perf_counter() - t0})
     for hook in built.context.extras.get("after_training", []):
@@ -269,7 +272,7 @@ def make_summary(config: RunConfig, task: Task, history: list[dict[str, Any]], p
         "metrics": strip(last),
         "best_val": {"round": best.get("round"), "metrics": strip(best)},
         "per_client": {str(c): {k: v for k, v in row.items() if k.startswith("test_")} for c, row in sorted(per_client.items())},
-        "budget": {"client_updates": int(last.get("client_updates", 0))},
+        "budget": {"client_updates": int(last.get("client_updates", 0)), "bytes_total": int(last.get("bytes_total", 0))},
         "rejected_updates": rejected,
         "failed_clients": failed,
         "nonfinite_clients": nonfinite_clients(per_client, name),  # left out of the means

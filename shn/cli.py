@@ -108,7 +108,7 @@ def _cmd_compare(args: argparse.Namespace) -> int:
 def _cmd_report(args: argparse.Namespace) -> int:
     from shn.report import build_report
 
-    path = build_report(args.run_dirs, out=args.out, reference=args.reference)
+    path = build_report(args.run_dirs, out=args.out, reference=args.reference, x=args.x)
     print(path)
     return 0
 
@@ -194,6 +194,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", default="report")
     p.add_argument("--reference", default=None, metavar="METHOD",
                    help="add the paired comparison (Δ to METHOD over seeds, 95 %% CI, verdict) for suite outputs")
+    p.add_argument("--x", choices=("updates", "bytes"), default="updates",
+                   help="x-axis of the learning curves: client updates (default) or cumulative bytes (accuracy vs bytes)")
     p.set_defaults(func=_cmd_report)
     p = sub.add_parser("inspect", help="load the config's task and describe it (clients, splits, inputs, graph) without training")
     p.add_argument("config")

@@ -19,6 +19,8 @@ from dataclasses import dataclass, field, fields, is_dataclass, replace
 from pathlib import Path
 from typing import Any, Literal, Mapping
 
+from shn.config_compression import CompressionConfig
+from shn.config_privacy import PrivacyConfig
 from shn.config_files import ConfigError, read_config, read_toml
 from shn.config_toml import config_to_dict, dumps_toml
 from shn.registry import METHODS, TASKS
@@ -316,39 +318,6 @@ class FaultConfig:
 
 
 @dataclass(frozen=True)
-class PrivacyConfig:
-    """Client-level differential privacy (DP-FedAvg, McMahan et al. 2018): each client's
-    contribution to a server step is clipped to L2 norm ``clip_norm`` = C, and Gaussian noise of
-    std ``noise_multiplier`` × C is added to the sum (:mod:`shn.federated.privacy`). The ε spent
-    at ``delta`` is reported in every evaluation record (``epsilon``) and in the summary.
-
-    Attributes:
-        clip_norm: C, the bound on one client's contribution (FedAvg family: its delta; hypernetwork
-            methods: its vector-Jacobian product on the hypernetwork); 0: privacy off.
-        noise_multiplier: σ: noise std σ·C on the summed contributions; 0: clipping only (ε = ∞).
-        delta: the δ at which ε is reported, in (0, 1) (choose it below 1 / number of clients).
-        accountant: opacus's "rdp" (Rényi DP) or "prv" (privacy random variables) accountant,
-            with sampling rate clients_per_round / training clients and one step per round.
-    """
-
-    clip_norm: float = 0.0
-    noise_multiplier: float = 0.0
-    delta: float = 1e-5
-    accountant: Literal["rdp", "prv"] = "rdp"
-
-    def __post_init__(self) -> None:
-        _non_negative(self, "clip_norm", "noise_multiplier")
-        if self.noise_multiplier > 0 and self.clip_norm <= 0:
-            raise ConfigError("noise_multiplier: noise needs privacy.clip_norm > 0 (the noise std is σ × clip_norm)")
-        if not 0.0 < self.delta < 1.0:
-            raise ConfigError(f"delta: must be in (0, 1), got {self.delta!r}")
-
-    @property
-    def enabled(self) -> bool:
-        return self.clip_norm > 0
-
-
-@dataclass(frozen=True)
 class TaskConfig:
     """``name`` picks a registered task; the remaining keys are that task's own options.
 
@@ -391,6 +360,7 @@ class RunConfig:
         faults: the [faults] table: injected client failures.
         novel: the [novel] table: novel-client generalisation.
         privacy: the [privacy] table: client-level differential privacy.
+        compression: the [compression] table: compression of the clients' uploads.
         methods: per-method options, [methods.<name>] tables (only the active method's are used).
         sweep: the optuna search space of ``shn sweep``: parameter path → distribution table.
     """
@@ -413,6 +383,7 @@ class RunConfig:
     faults: FaultConfig = field(default_factory=FaultConfig)
     novel: NovelConfig = field(default_factory=NovelConfig)
     privacy: PrivacyConfig = field(default_factory=PrivacyConfig)
+    compression: CompressionConfig = field(default_factory=CompressionConfig)
     methods: Mapping[str, Any] = field(default_factory=dict)
     sweep: Mapping[str, Any] = field(default_factory=dict)
 
@@ -602,7 +573,8 @@ def _non_negative(obj: Any, *names: str) -> None:
 
 
 __all__ = [
-    "AttackConfig", "ConfigError", "EncoderConfig", "FaultConfig", "GraphConfig", "HyperNetworkConfig",
-    "LocalConfig", "NovelConfig", "PrivacyConfig", "RunConfig", "ServerConfig", "TaskConfig", "ValidationConfig",
+    "AttackConfig", "CompressionConfig", "ConfigError", "EncoderConfig", "FaultConfig", "GraphConfig",
+    "HyperNetworkConfig", "LocalConfig", "NovelConfig", "PrivacyConfig", "RunConfig", "ServerConfig", "TaskConfig",
+    "ValidationConfig",
     "apply_overrides", "config_from_dict", "config_to_dict", "dumps_toml", "load_config", "read_config",
 ]

@@ -22,7 +22,7 @@ from typing import Any, Sequence
 import torch
 
 from shn.build import _held_out, build, execute, make_task
-from shn.config import ConfigError, RunConfig, load_config
+from shn.config import CompressionConfig, ConfigError, RunConfig, load_config
 from shn.federated.records import atomic_write_text, dumps_json
 from shn.federated.simulation import write_summary
 from shn.hypernetwork import embedding_drift, initial_embeddings
@@ -157,8 +157,15 @@ def _run_stages(config: RunConfig, task: Task, root: Path | None, *, resume: boo
                                   "k": config.graph.k, "stage3_init": config.graph.stage3_init}
     result.summary["stage1_embedding_drift"] = drift
     stage3_updates = int(result.summary.get("budget", {}).get("client_updates", 0))
+    stage1_bytes = stage1_summary.get("budget", {}).get("bytes_total")
+    if stage1_bytes is None:
+        log.warning("the stage-1 cache entry predates byte counting: budget.bytes_total is unknown (null); "
+                    "delete the entry to count it")
+    stage3_bytes = int(result.summary.get("budget", {}).get("bytes_total", 0))
     result.summary["budget"] = {"client_updates": stage1_updates + stage3_updates,
-                                "stage1_client_updates": stage1_updates, "stage3_client_updates": stage3_updates}
+                                "stage1_client_updates": stage1_updates, "stage3_client_updates": stage3_updates,
+                                "bytes_total": None if stage1_bytes is None else int(stage1_bytes) + stage3_bytes,
+                                "stage1_bytes_total": stage1_bytes, "stage3_bytes_total": stage3_bytes}
     if root is not None:
         write_summary(root, result.summary)
         if stage3_dir is not None:
@@ -252,6 +259,8 @@ def _stage1_cache_dir(config: RunConfig, stage1_cfg: RunConfig, held_out: Sequen
     key = config_to_dict(stage1_cfg)
     for irrelevant in ("graph", "encoder", "methods", "sweep"):
         key.pop(irrelevant, None)
+    if stage1_cfg.compression == CompressionConfig():  # keys (and caches) from before [compression] stay valid
+        key.pop("compression", None)
     digest = hashlib.sha256((dumps_toml(key) + repr(sorted(held_out))).encode()).hexdigest()[:16]
     path = Path(config.graph.stage1_cache) / digest
     path.mkdir(parents=True, exist_ok=True)

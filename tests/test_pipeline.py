@@ -41,6 +41,39 @@ def test_pfedhn_run_is_reused_as_stage1_and_changes_nothing(task, tmp_path):
     assert trained.summary["stage1_metrics"] == pfedhn.summary["metrics"]
     assert trained.summary["metrics"] == reused.summary["metrics"]
     assert trained.summary["novel_test_accuracy"] == reused.summary["novel_test_accuracy"]
+    # the budget counts stage 1's bytes too, whether stage 1 was trained or reused
+    budget = reused.summary["budget"]
+    assert budget["stage1_bytes_total"] == pfedhn.summary["budget"]["bytes_total"] > 0
+    assert budget["bytes_total"] == budget["stage1_bytes_total"] + budget["stage3_bytes_total"]
+    assert trained.summary["budget"] == budget
+
+
+def test_stage1_cache_keys_from_before_compression_stay_valid(task, tmp_path, caplog):
+    """Default [compression] leaves the cache key as it was before the table existed (no
+    retraining of cached stage 1s); another compression is another stage 1. An entry written
+    before byte counting leaves the pipeline's byte budget unknown, with a warning."""
+    import hashlib
+
+    from shn.config import config_to_dict, dumps_toml
+    from shn.pipeline import _stage1_cache_dir, stage1_config
+
+    cfg = config("shn", tmp_path / "cache")
+    key = config_to_dict(stage1_config(cfg))
+    for irrelevant in ("graph", "encoder", "methods", "sweep", "compression"):
+        key.pop(irrelevant, None)
+    old = hashlib.sha256((dumps_toml(key) + repr([])).encode()).hexdigest()[:16]
+    assert _stage1_cache_dir(cfg, stage1_config(cfg), []).name == old
+    topk = config("shn", tmp_path / "cache", "compression.kind=topk")
+    assert _stage1_cache_dir(topk, stage1_config(topk), []).name != old
+
+    run(cfg, task=task, progress=False)
+    (entry,) = [p for p in (tmp_path / "cache").iterdir() if (p / "summary.json").is_file()]
+    summary = json.loads((entry / "summary.json").read_text())
+    del summary["budget"]["bytes_total"]
+    (entry / "summary.json").write_text(json.dumps(summary))
+    again = run(cfg, task=task, progress=False)
+    assert again.summary["budget"]["bytes_total"] is None and again.summary["budget"]["stage1_bytes_total"] is None
+    assert "predates byte counting" in caplog.text
 
 
 def test_pfedhn_run_with_another_budget_is_not_stage1(task, tmp_path):

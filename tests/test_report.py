@@ -203,6 +203,41 @@ def test_curves_are_labelled_and_on_a_client_update_axis_that_counts_stage_one(t
     assert "bands: ±1 sample std" in md
 
 
+def test_curves_against_cumulative_bytes(tmp_path):
+    """``shn report --x bytes``: validation accuracy vs the records' bytes_total (MB), a pipeline's
+    stage-1 bytes included; records without byte counts (older runs) are left out."""
+    from shn.report import plot_curves
+
+    hist = [{"round": 1, "client_updates": 5, "val_accuracy": 0.3, "bytes_total": 2_000_000},
+            {"round": 2, "client_updates": 10, "val_accuracy": 0.5, "bytes_total": 4_000_000}]
+    topk = [{**h, "bytes_total": h["bytes_total"] // 4} for h in hist]
+    for seed in (0, 1):
+        _study_run(tmp_path / "dense" / f"s{seed}", "fedavg", seed, 0.5, history=hist)
+        _study_run(tmp_path / "topk" / f"s{seed}", "fedavg", seed, 0.45, history=topk, compression={"kind": "topk"})
+        _study_run(tmp_path / "shn" / f"s{seed}", "shn", seed, 0.6, history=hist, graph={"kind": "knn"},
+                   summary_extra={"budget": {"bytes_total": 5_000_000, "stage1_bytes_total": 1_000_000}})
+        _study_run(tmp_path / "old" / f"s{seed}", "pfedhn", seed, 0.6, history=[
+            {k: v for k, v in h.items() if k != "bytes_total"} for h in hist])
+        # a pipeline run whose stage 1 came from a cache entry written before byte counting
+        _study_run(tmp_path / "ghn" / f"s{seed}", "ghn", seed, 0.6, history=hist, graph={"kind": "knn"},
+                   summary_extra={"budget": {"bytes_total": None, "stage1_bytes_total": None}})
+    groups = group_runs(find_runs([tmp_path]))
+    drawn = plot_curves(groups, tmp_path / "b.png", x="bytes")
+    assert drawn["xlabel"].startswith("cumulative communication, MB") and "stage 1" in drawn["xlabel"]
+    assert drawn["ylabel"] == "validation accuracy (val_accuracy)"
+    series = drawn["series"]
+    assert series["fedavg"]["x"] == [2.0, 4.0]
+    assert series["fedavg (compression.kind=topk)"]["x"] == [0.5, 1.0]
+    assert series["shn (graph.kind=knn)"]["x"] == [3.0, 5.0] and "pfedhn" not in series
+    assert not any(name.startswith("ghn") for name in series)
+    with pytest.raises(ValueError, match="'flops' is not a curve axis; allowed: updates, bytes"):
+        plot_curves(groups, tmp_path / "x.png", x="flops")
+    assert main(["report", str(tmp_path), "--out", str(tmp_path / "report"), "--x", "bytes"]) == 0
+    md = (tmp_path / "report" / "report.md").read_text()
+    assert "curves-bytes_" in md and "vs cumulative communication, MB" in md
+    assert not list((tmp_path / "report").glob("curves_*.png"))
+
+
 def test_study_figures_only_for_studies_present_and_depth_on_a_log2_axis(tmp_path):
     from shn.report import plot_xy
     from shn.report.figures import _layers

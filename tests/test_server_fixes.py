@@ -101,11 +101,15 @@ def test_same_seed_same_embeddings_trunk_and_heads_across_methods(task):
 
 def test_budget_counts_every_stage_and_each_evaluation(task, tmp_path):
     plain = run(cfg(), task=task, progress=False)
-    assert plain.summary["budget"] == {"client_updates": 4 * 3}
+    # (the budget also counts the bytes moved: shn.federated.traffic)
+    assert plain.summary["budget"] == {"client_updates": 4 * 3, "bytes_total": plain.history[-1]["bytes_total"]}
     assert [h["client_updates"] for h in plain.history] == [6, 12]
     pipe = run(cfg('method="shn"', 'graph.kind="knn"', "graph.k=2", "graph.stage1_rounds=2", "rounds=2",
                    'hypernetwork.graph_branch="residual"', 'graph.stage3_init="full"'), task=task, progress=False)
+    bytes_ = pipe.summary["budget"].pop("bytes_total")
+    stage1_bytes, stage3_bytes = pipe.summary["budget"].pop("stage1_bytes_total"), pipe.summary["budget"].pop("stage3_bytes_total")
     assert pipe.summary["budget"] == {"client_updates": 12, "stage1_client_updates": 6, "stage3_client_updates": 6}
+    assert bytes_ == stage1_bytes + stage3_bytes and stage1_bytes > 0 and stage3_bytes == pipe.history[-1]["bytes_total"] > 0
 
 
 def test_stage3_full_init_continues_from_the_stage1_hypernetwork(task):

@@ -13,6 +13,7 @@ from torch.func import functional_call
 
 from shn.federated.attacks import ClientAttack
 from shn.federated.client_method import ClientFit, ClientMethod, ClientRound
+from shn.federated.compression import ClientUpload
 from shn.federated.local import ClientStore, LocalObjective, LocalTrainer, cohort_trainer
 from shn.target import Params
 from tasks.base import Task
@@ -89,13 +90,15 @@ class ClientRuntime:
     """Runs local training and evaluation for any set of clients held in ``store``."""
 
     def __init__(self, task: Task, trainer: LocalTrainer, store: ClientStore, personal: PersonalStore, *,
-                 attack: "ClientAttack | None" = None, method: ClientMethod | None = None) -> None:
+                 attack: "ClientAttack | None" = None, method: ClientMethod | None = None,
+                 upload: ClientUpload | None = None) -> None:
         self.task = task
         self.trainer = trainer
         self.store = store
         self.personal = personal
         self.attack = attack  # simulated malicious clients ([attack]); None: every client is honest
         self.method = method or ClientMethod()  # the method's client side (plain local training)
+        self.upload = upload  # [compression] of what clients send back; None: deltas as they are
 
     def full_weights(self, clients: Sequence[int], server_weights: Mapping[str, Tensor]) -> Params:
         """Server tensors ``[C, *shape]`` plus each client's personal tensors, stacked."""
@@ -124,6 +127,13 @@ class ClientRuntime:
         if self.attack is not None:
             result.deltas = self.attack.corrupt(clients, result.deltas, generator)
         return result
+
+    def payloads(self, clients: Sequence[int], deltas: Mapping[str, Tensor], seed: int, round_: int) -> list[Params]:
+        """What each client sends back for ``deltas {name: [C, *shape]}`` (a :meth:`fit`
+        result): its delta, or its compressed form (:mod:`shn.federated.compression`)."""
+        if self.upload is None:
+            return [{k: v[i] for k, v in deltas.items()} for i in range(len(clients))]
+        return self.upload.encode(clients, dict(deltas), seed, round_)
 
     def _fit(self, clients: Sequence[int], server_weights: Mapping[str, Tensor], generator: torch.Generator) -> FitResult:
         if self.trainer.templates:  # architectures differ between clients: nothing can be stacked

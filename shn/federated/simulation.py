@@ -15,6 +15,7 @@ import torch
 from shn.config import RunConfig
 from shn.federated.algorithm import Algorithm, eval_weights
 from shn.federated.client import ClientRuntime
+from shn.federated.compression import UploadCodec
 from shn.federated.records import (
     CheckpointError,
     MetricsLog,
@@ -28,6 +29,7 @@ from shn.federated.records import (
 )
 from shn.federated.privacy import PrivacyAccountant
 from shn.federated.server import ClientSampler, Server, unstack
+from shn.federated.traffic import Traffic, payload_bytes
 from shn.seeding import derive_seed, torch_generator
 
 log = logging.getLogger("shn.simulation")
@@ -90,7 +92,10 @@ class Simulation:
     last checkpoint and gives exactly the numbers of an uninterrupted run. When an evaluation's
     metrics go non-finite the record is logged and :class:`DivergedError` raised. With
     ``[privacy]`` each record has ``epsilon`` (spent so far) and the result's ``extra`` a
-    ``privacy`` block (:mod:`shn.federated.privacy`).
+    ``privacy`` block (:mod:`shn.federated.privacy`). Each round's
+    uploads go through ``[compression]`` (:mod:`shn.federated.compression`) and are decoded here;
+    the bytes each client receives and sends are counted (:mod:`shn.federated.traffic`) and
+    every record carries the totals so far.
     """
 
     def __init__(self, config: RunConfig, algorithm: Algorithm, runtime: ClientRuntime, *,
@@ -106,6 +111,8 @@ class Simulation:
         mechanism = getattr(algorithm, "privacy", None)  # [privacy]: ε after each round
         self.accountant = (PrivacyAccountant(config.privacy, config.clients_per_round, len(self.pool),
                                              mechanism.prior_steps) if mechanism is not None else None)
+        self.codec = UploadCodec(config.compression, algorithm.server_spec)  # the server decodes uploads
+        self.traffic = Traffic()  # bytes to and from each client (shn.federated.traffic)
         self.run_dir = run_dir
         self.progress = progress
         self.on_eval = on_eval
@@ -133,9 +140,14 @@ class Simulation:
             return {"accepted": 0.0, "rejected": 0.0}
         self.client_updates += len(clients)
         weights = self.server.weights_for(clients)
+        down = payload_bytes(weights, batch_dims=1)  # every client gets its row: the same shapes
         fit = self.runtime.fit(clients, weights, torch_generator(cfg.seed, "local-training", round_))
         self._train_losses.append(float(fit.loss.mean()))
-        deltas = unstack(fit.deltas, len(clients))
+        payloads = self.runtime.payloads(clients, fit.deltas, cfg.seed, round_)
+        for c, payload in zip(clients, payloads):
+            self.traffic.sent(c, down)
+            self.traffic.received(c, payload_bytes(payload))
+        deltas = [self.codec.decode(p) for p in payloads]
         return self.server.receive(round_, clients, deltas, fit.num_examples.tolist())
 
     def evaluate(self, clients: Sequence[int] | None = None) -> dict[int, dict[str, float]]:
@@ -213,6 +225,7 @@ class Simulation:
         record["failed_this_period"] = self.failed - int(previous.get("failed_clients", 0))
         if self.accountant is not None:  # ε at privacy.delta after r rounds (∞, written null, without noise)
             record["epsilon"] = self.accountant.epsilon(r)
+        record.update(self.traffic.record())  # cumulative bytes_down, bytes_up, bytes_total
         attack = getattr(self.runtime, "attack", None)
         if attack is not None:  # simulated malicious clients: the honest clients' mean test metrics
             honest = {c: row for c, row in self.per_client.items() if int(c) not in attack.malicious}
@@ -231,6 +244,8 @@ class Simulation:
             "personal": self.runtime.personal.state_dict(), "rejections": self.server.rejections.state_dict(),
             "history": self.history, "per_client": self.per_client, "failed": self.failed,
             "train_losses": self._train_losses, "client_updates": self.client_updates,
+            "traffic": self.traffic.state_dict(),
+            "residuals": self.runtime.upload.state_dict() if self.runtime.upload is not None else {},
         }
 
     def _load(self, state: dict[str, Any]) -> None:
@@ -242,6 +257,9 @@ class Simulation:
         self.failed = int(state["failed"])
         self._train_losses = list(state["train_losses"])
         self.client_updates = int(state.get("client_updates", 0))
+        self.traffic.load_state_dict(state.get("traffic", {}))  # (checkpoints from before byte counting: 0)
+        if self.runtime.upload is not None:
+            self.runtime.upload.load_state_dict(state.get("residuals", {}))
 
 
 def pooled_and_mean(per_client: dict[int, dict[str, float]]) -> dict[str, float]:

@@ -51,6 +51,14 @@ class RejectionLog:
         self.by_round = {int(r): [Rejection(c, why) for c, why in v] for r, v in state.items()}
 
 
+@dataclass(frozen=True)
+class UnreadableUpdate:
+    """An upload that could not be read back into a delta (a malformed compressed payload, an
+    unreadable Flower record); :func:`validate_update` rejects it with ``reason``."""
+
+    reason: str
+
+
 def example_count(value: object, max_examples: int = MAX_EXAMPLES) -> int | str:
     """A client's claimed number of training examples as an int, or the reason it is refused:
     it must be an integer (Python, numpy or a one-element integer tensor; not a bool, not a
@@ -83,6 +91,8 @@ def validate_update(
     shape for shape and dtype for dtype, be finite, have L2 norm ≤ ``max_norm``, and come with
     an integer example count in ``1 … max_examples`` (:func:`example_count`).
     """
+    if isinstance(delta, UnreadableUpdate):
+        return delta.reason
     if not isinstance(delta, Mapping):
         return f"update is a {type(delta).__name__}, expected a mapping of tensors"
     missing = [n for n in spec.names if n not in delta]

@@ -17,9 +17,11 @@ Protocol (Flower Message API, one SuperNode = one client, identity = ``partition
   ArrayRecord ``"arrays"`` and a ConfigRecord ``"config"`` (round, client, its slot in the round's
   cohort, cohort size, config text). The client trains with the round's generator
   (``torch_generator(seed, "local-training", round)``, its column of the cohort's draw) and replies
-  with the ArrayRecord ``"delta"`` (sent − trained) and a MetricRecord ``"metrics"``
-  (``num-examples``, ``train-loss``, ``partition-id``). Replies go through ``Server.receive``:
-  validated exactly as in-process. A client that errors or does not answer within
+  with the ArrayRecord ``"delta"`` (sent − trained, or its compressed form with ``[compression]``:
+  :mod:`shn.federated.compression`) and a MetricRecord ``"metrics"`` (``num-examples``,
+  ``train-loss``, ``partition-id``). The server decodes the delta, then replies go through
+  ``Server.receive``: validated exactly as in-process. The ArrayRecords' ``count_bytes()`` are
+  the run's ``bytes_down`` / ``bytes_up`` (:mod:`shn.federated.traffic`; equal to in-process). A client that errors or does not answer within
   ``round-timeout`` is counted in ``failed_clients``; the round completes with the others.
 * ``evaluate``: every ``eval_every`` rounds, every client gets its weights and replies with its
   val/test metrics; the record is the mean over clients, as in-process. Replies are validated
@@ -28,7 +30,8 @@ Protocol (Flower Message API, one SuperNode = one client, identity = ``partition
 
 Personal tensors (FedPer heads, personal input layers, Local's whole model) and a client method's
 personal state (Ditto's personal model; :mod:`shn.federated.client_method`) live in the node's
-``context.state`` (ArrayRecord ``shn.personal.<client>``) and are never sent. The ClientApp runs
+``context.state`` (ArrayRecord ``shn.personal.<client>``) and are never sent; so is a client's
+error-feedback residual with ``[compression]`` (``shn.residual.<client>``). The ClientApp runs
 the method's client side through the same ``ClientRuntime`` as in-process.
 
 Run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, ``--run-config``):
@@ -82,7 +85,7 @@ from shn.federated.local import cohort_trainer
 from shn.federated.records import atomic_write_text
 from shn.federated.simulation import RoundFaults, Simulation, write_summary
 from shn.flower.grid import InProcessGrid
-from shn.federated.validation import expected_metric_keys, validate_metrics
+from shn.federated.validation import UnreadableUpdate, expected_metric_keys, validate_metrics
 from shn.flower.identity import discover_clients, load_partition_map
 from shn.flower.identity import message as _message
 from shn.plugins import load_from_env
@@ -108,6 +111,7 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
 ENGINE_KEYS = ("run-dir", "min-nodes", "node-timeout", "round-timeout", "partition-map", "overwrite")
 
 PERSONAL_PREFIX = "shn.personal."
+RESIDUAL_PREFIX = "shn.residual."  # a client's error-feedback residual ([compression]), never sent
 EVAL_CHUNK = 64  # clients per evaluation exchange (the in-process engine's chunk: same numbers)
 
 
@@ -205,12 +209,16 @@ class FlowerSimulation(Simulation):
         self._expected: frozenset[str] | None = None  # the task's metric names (computed once)
 
     def _send(self, kind: str, group: str, clients: Sequence[int], weights: Mapping[str, Tensor],
-              extra: Callable[[int], dict[str, Any]]) -> dict[int, Any]:
-        """One exchange; ``{client: reply content}`` for the clients that answered without error."""
+              extra: Callable[[int], dict[str, Any]]) -> tuple[dict[int, Any], dict[int, int]]:
+        """One exchange: ``{client: reply content}`` for the clients that answered without error,
+        and ``{client: bytes of the weights sent}`` (Flower's ``count_bytes``: shn.federated.traffic)."""
         msgs = []
+        sent: dict[int, int] = {}
         for i, c in enumerate(clients):
             cfg = ConfigRecord({"client": int(c), "shn-config": self.text, **extra(i)})
-            content = RecordDict({"arrays": _arrays({k: v[i] for k, v in weights.items()}), "config": cfg})
+            arrays = _arrays({k: v[i] for k, v in weights.items()})
+            sent[int(c)] = arrays.count_bytes()
+            content = RecordDict({"arrays": arrays, "config": cfg})
             msgs.append(_message(content, self.nodes[c], kind, group))
         by_node: dict[int, Any] = {}
         for reply in self.grid.send_and_receive(msgs, timeout=self.round_timeout):
@@ -224,7 +232,7 @@ class FlowerSimulation(Simulation):
         missing = [c for c, v in out.items() if v is None]
         if missing:
             log.warning("%s %s: no reply from clients %s", kind, group, missing)
-        return {c: v for c, v in out.items() if v is not None}
+        return {c: v for c, v in out.items() if v is not None}, sent
 
     def run_round(self, round_: int) -> dict[str, float]:
         clients = self.round_clients(round_)
@@ -233,16 +241,18 @@ class FlowerSimulation(Simulation):
         self.client_updates += len(clients)  # the budget, counted as in-process (clients asked to train)
         weights = self.server.weights_for(clients)
         cohort = len(clients)
-        replies = self._send("train", str(round_), clients, weights,
-                             lambda i: {"round": round_, "slot": i, "cohort": cohort})
+        replies, sent = self._send("train", str(round_), clients, weights,
+                                   lambda i: {"round": round_, "slot": i, "cohort": cohort})
         ok, deltas, counts, losses = [], [], [], []
         for c in clients:
+            self.traffic.sent(c, sent[c])
             if c not in replies:
                 self.failed += 1
                 continue
-            delta, n, loss = _parse_fit(replies[c])
+            payload, nbytes, n, loss = _parse_fit(replies[c])
+            self.traffic.received(c, nbytes)
             ok.append(c)
-            deltas.append(delta)
+            deltas.append(payload if isinstance(payload, UnreadableUpdate) else self.codec.decode(payload))
             counts.append(n)
             if loss is not None:
                 losses.append(loss)
@@ -257,7 +267,7 @@ class FlowerSimulation(Simulation):
         out: dict[int, dict[str, float]] = {}
         for s in range(0, len(clients), self.eval_chunk):
             chunk = clients[s:s + self.eval_chunk]
-            replies = self._send("evaluate", f"eval-{s}", chunk, eval_weights(self.algorithm, chunk), lambda i: {})
+            replies, _ = self._send("evaluate", f"eval-{s}", chunk, eval_weights(self.algorithm, chunk), lambda i: {})
             for c in chunk:
                 if c not in replies:
                     self.failed_evaluations += 1
@@ -287,13 +297,16 @@ class FlowerSimulation(Simulation):
         return {k: float(v) for k, v in row.items() if k != "partition-id"}, None
 
 
-def _parse_fit(content: Any) -> tuple[Any, Any, float | None]:
-    """(delta, num_examples, loss) from a train reply; anything malformed is passed on as is, so
-    that ``Server.receive`` rejects it (nothing reaches the algorithm unchecked)."""
+def _parse_fit(content: Any) -> tuple[Any, int, Any, float | None]:
+    """(payload, its bytes, num_examples, loss) from a train reply; anything malformed is passed
+    on as is, so that ``Server.receive`` rejects it (nothing reaches the algorithm unchecked)."""
+    nbytes = 0
     try:
-        delta = dict(content["delta"].to_torch_state_dict())
+        record = content["delta"]
+        nbytes = int(record.count_bytes())
+        payload: Any = dict(record.to_torch_state_dict())
     except Exception as e:  # noqa: BLE001 - malformed reply: let validation name it
-        delta = f"unreadable delta ({type(e).__name__}: {e})"
+        payload = UnreadableUpdate(f"unreadable delta ({type(e).__name__}: {str(e)[:200]})")
     try:
         metrics = content["metrics"]
         n = metrics["num-examples"]
@@ -301,7 +314,7 @@ def _parse_fit(content: Any) -> tuple[Any, Any, float | None]:
         loss = float(loss) if isinstance(loss, (int, float)) and math.isfinite(loss) else None
     except Exception:  # noqa: BLE001
         n, loss = None, None
-    return delta, n, loss
+    return payload, nbytes, n, loss
 
 
 def run_federation(grid: Any, config: RunConfig, settings: EngineSettings = EngineSettings()) -> RunResult:
@@ -348,6 +361,7 @@ def _run_federation(grid: Any, config: RunConfig, settings: EngineSettings, run_
                            result.failed_clients, result.wall_time_s)
     summary.update(result.extra)  # the engine's own reports ([privacy]: ε spent)
     summary["engine"] = "flower"
+    summary["communication"] = sim.traffic.summary(config.compression)
     summary["failed_evaluations"] = sim.failed_evaluations
     summary["rejected_evaluations"] = sim.rejected_evaluations
     write_summary(run_dir, summary)
@@ -379,14 +393,15 @@ def make_server_app(app_dir: str | Path | None = None, defaults: Mapping[str, An
 
 class StatePersonal(MutableMapping):
     """``PersonalStore`` backing in a node's ``context.state``: client -> ArrayRecord
-    ``shn.personal.<client>``, kept by the SuperNode between rounds, never sent."""
+    ``shn.personal.<client>``, kept by the SuperNode between rounds, never sent. With
+    ``prefix = RESIDUAL_PREFIX``: the client's error-feedback residual ([compression])."""
 
-    def __init__(self, state: Any) -> None:
+    def __init__(self, state: Any, prefix: str = PERSONAL_PREFIX) -> None:
         self.state = state
+        self.prefix = prefix
 
-    @staticmethod
-    def _key(client: int) -> str:
-        return f"{PERSONAL_PREFIX}{int(client)}"
+    def _key(self, client: int) -> str:
+        return f"{self.prefix}{int(client)}"
 
     def __getitem__(self, client: int) -> dict[str, Tensor]:
         key = self._key(client)
@@ -401,7 +416,7 @@ class StatePersonal(MutableMapping):
         del self.state[self._key(client)]
 
     def __iter__(self) -> Iterator[int]:
-        return iter([int(k[len(PERSONAL_PREFIX):]) for k in list(self.state.keys()) if k.startswith(PERSONAL_PREFIX)])
+        return iter([int(k[len(self.prefix):]) for k in list(self.state.keys()) if k.startswith(self.prefix)])
 
     def __len__(self) -> int:
         return sum(1 for _ in self)
@@ -448,9 +463,11 @@ def _runtime(built: Built, context: Any, slot: int = 0, cohort: int = 1) -> Clie
     """The built runtime with this round's cohort trainer and personal tensors in ``context.state``."""
     personal = copy.copy(built.runtime.personal)  # same initial values, another backing
     personal.values = StatePersonal(context.state)
+    upload = built.runtime.upload
     return ClientRuntime(built.task, cohort_trainer(built.runtime.trainer, slot, cohort), built.runtime.store, personal,
                          attack=built.runtime.attack,  # [attack]: the same malicious clients as in-process
-                         method=built.runtime.method)
+                         method=built.runtime.method,
+                         upload=upload.with_residuals(StatePersonal(context.state, RESIDUAL_PREFIX)) if upload else None)
 
 
 def _received(msg: Any, context: Any) -> tuple[Built, int, Mapping[str, Any], dict[str, Tensor]]:
@@ -469,10 +486,10 @@ def handle_train(msg: Any, context: Any) -> Any:
     runtime = _runtime(built, context, int(cfg["slot"]), int(cfg["cohort"]))
     gen = torch_generator(built.config.seed, "local-training", int(cfg["round"]))
     fit = runtime.fit([client], weights, gen)
+    payload = runtime.payloads([client], fit.deltas, built.config.seed, int(cfg["round"]))[0]  # [compression]
     metrics = MetricRecord({"num-examples": int(fit.num_examples[0]), "train-loss": float(fit.loss[0]),
                             "partition-id": client})
-    return Message(RecordDict({"delta": _arrays({k: v[0] for k, v in fit.deltas.items()}), "metrics": metrics}),
-                   reply_to=msg)
+    return Message(RecordDict({"delta": _arrays(payload), "metrics": metrics}), reply_to=msg)
 
 
 def handle_evaluate(msg: Any, context: Any) -> Any:

@@ -14,6 +14,9 @@ counted once, with a warning and a line in ``report.md``, never as two seeds —
   updates (local trainings so far; a pipeline run's curve starts after its stage-1 updates, so a
   multi-stage method shows its full cost), one line per method: the mean over seeds, a ±1 std
   band, n in the legend;
+* ``curves-bytes_<setting>.png`` instead, with ``--x bytes``: the same against cumulative
+  communication (``bytes_total`` of the records: bytes sent to and received from clients so far,
+  in MB; a pipeline run's stage 1 included) — accuracy vs bytes;
 * ``graph_<setting>_<kind>.png`` — the client graph of one run of a graph method (its saved
   ``graph.json``; a given graph is rebuilt from the task), clients coloured by their class set,
   group, or placed at their coordinates; layout: spectral start + spring refinement in numpy;

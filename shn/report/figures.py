@@ -37,17 +37,30 @@ def _split_name(metric: str) -> str:
     return {"val": "validation", "test": "test"}.get(split, split) + " " + name.replace("_", " ")
 
 
-def _updates_offset(run: Run) -> int:
-    """Client updates spent before this run's recorded curve: a pipeline run's stage 1."""
+X_AXES = ("updates", "bytes")  # the curves' x: client updates, or cumulative bytes (shn report --x)
+MB = 1e6
+
+
+def _updates_offset(run: Run, x: str = "updates") -> int:
+    """Client updates (or bytes) spent before this run's recorded curve: a pipeline run's stage 1."""
     budget = run.summary.get("budget")
-    if isinstance(budget, Mapping) and isinstance(budget.get("stage1_client_updates"), int):
-        return int(budget["stage1_client_updates"])
+    key = "stage1_client_updates" if x == "updates" else "stage1_bytes_total"
+    if isinstance(budget, Mapping) and isinstance(budget.get(key), int):
+        return int(budget[key])
     return 0
 
 
-def _curve(run: Run, metric: str) -> dict[int, tuple[float, float]]:
-    """``{round: (client updates so far, value)}`` of one run: the records' ``client_updates``
-    (older records without it: round × clients_per_round), after the pipeline's stage 1."""
+def _curve(run: Run, metric: str, x: str = "updates") -> dict[int, tuple[float, float]]:
+    """``{round: (x so far, value)}`` of one run, after the pipeline's stage 1. ``x = "updates"``:
+    the records' ``client_updates`` (older records without it: round × clients_per_round);
+    ``"bytes"``: their cumulative ``bytes_total`` in MB (records without it are left out)."""
+    if x == "bytes":
+        budget = run.summary.get("budget")
+        if isinstance(budget, Mapping) and "stage1_bytes_total" in budget and not _number(budget["stage1_bytes_total"]):
+            return {}  # a pipeline run whose stage-1 bytes are unknown (a cache entry from before byte counting)
+        offset = _updates_offset(run, "bytes")
+        return {h["round"]: ((offset + float(h["bytes_total"])) / MB, float(h[metric])) for h in run.history
+                if _number(h.get(metric)) and _number(h.get("bytes_total")) and isinstance(h.get("round"), int)}
     offset = _updates_offset(run)
     per_round = run.config.get("clients_per_round")
     if per_round is None:  # not in the recorded config: it ran with the default
@@ -68,10 +81,17 @@ def _curve(run: Run, metric: str) -> dict[int, tuple[float, float]]:
     return out
 
 
-def plot_curves(groups: Sequence[Group], path: Path) -> dict[str, Any] | None:
+def _number(v: Any) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)
+
+
+def plot_curves(groups: Sequence[Group], path: Path, x: str = "updates") -> dict[str, Any] | None:
     """Validation primary metric vs client updates (local trainings so far, a pipeline's stage 1
-    included), mean over seeds with a ±1 std band; None when no run has a curve. Returns what
-    was drawn (labels, scale, each series' points) for the report and tests."""
+    included) or, ``x = "bytes"``, vs cumulative communication (bytes down + up so far, in MB),
+    mean over seeds with a ±1 std band; None when no run has a curve. Returns what was drawn
+    (labels, scale, each series' points) for the report and tests."""
+    if x not in X_AXES:
+        raise ValueError(f"x: {x!r} is not a curve axis; allowed: {', '.join(X_AXES)}")
     plt = _plt()
     fig, ax = plt.subplots(figsize=(7.5, 4.8))
     metric = "val_" + groups[0].primary.removeprefix("test_")
@@ -79,7 +99,7 @@ def plot_curves(groups: Sequence[Group], path: Path) -> dict[str, Any] | None:
     seeds: set[int] = set()
     staged = False
     for g in groups:
-        series = [c for c in (_curve(r, metric) for r in g.runs) if c]
+        series = [c for c in (_curve(r, metric, x) for r in g.runs) if c]
         if not series:
             continue
         rounds = sorted(set.intersection(*(set(c) for c in series)))
@@ -96,12 +116,14 @@ def plot_curves(groups: Sequence[Group], path: Path) -> dict[str, Any] | None:
             ax.fill_between(xs, mean - std, mean + std, color=line.get_color(), alpha=0.15)
         drawn["series"][g.method] = {"x": xs.tolist(), "y": mean.tolist(), "n": n}
         seeds.update(r.seed for r in g.runs)
-        staged = staged or any(_updates_offset(r) for r in g.runs)
+        staged = staged or any(_updates_offset(r, x) for r in g.runs)
     if not drawn["series"]:
         plt.close(fig)
         return None
     ns = sorted({v["n"] for v in drawn["series"].values()})
-    xlabel = "client updates (local trainings so far" + ("; pipeline runs include stage 1" if staged else "") + ")"
+    stage1 = "; pipeline runs include stage 1" if staged else ""
+    xlabel = (f"client updates (local trainings so far{stage1})" if x == "updates" else
+              f"cumulative communication, MB (10^6 bytes sent to + received from clients so far{stage1})")
     ylabel = f"{_split_name(metric)} ({metric})"
     title = (f"{groups[0].setting}: {_split_name(metric)} during training — mean over seeds "
              f"(n = {', '.join(map(str, ns))}); the tables report test")

@@ -17,11 +17,14 @@ def _rewire_target(run) -> str:
     return repr(run.config.get("graph.rewire_homophily"))
 
 
-def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", reference: str | None = None) -> Path:
+def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", reference: str | None = None,
+                 x: str = "updates") -> Path:
     """Write ``report.md``, ``results.csv``, ``runs.csv`` and the figures to ``out``; return the
     path of ``report.md``. With ``reference`` (a method folder name of the suite layout
     ``<dir>/<setting>/<method>/seed<s>/``), the report opens with the paired comparison of
-    :mod:`shn.paired` (``paired.md`` / ``paired.csv``)."""
+    :mod:`shn.paired` (``paired.md`` / ``paired.csv``). ``x``: the learning curves' x-axis,
+    "updates" (client updates, ``curves_<setting>.png``) or "bytes" (cumulative bytes sent and
+    received, ``curves-bytes_<setting>.png``: accuracy vs communication)."""
     runs = find_runs(run_dirs)
     if not runs:
         raise FileNotFoundError(f"no run (summary.json) found under {', '.join(map(str, run_dirs))}")
@@ -35,11 +38,12 @@ def build_report(run_dirs: Sequence[str | Path], out: str | Path = "report", ref
     for s in settings:
         gs = [g for g in groups if g.setting == s]
         slug = _slug(s)
-        curves = plot_curves(gs, out / f"curves_{slug}.png")
+        name = f"curves_{slug}.png" if x == "updates" else f"curves-{x}_{slug}.png"
+        curves = plot_curves(gs, out / name, x=x)
         if curves:
-            figures[s].append(f"curves_{slug}.png")
-            captions[f"curves_{slug}.png"] = (f"{curves['ylabel']} vs {curves['xlabel']}; lines: mean over seeds "
-                                              "(n per method in the legend), bands: ±1 sample std.")
+            figures[s].append(name)
+            captions[name] = (f"{curves['ylabel']} vs {curves['xlabel']}; lines: mean over seeds "
+                              "(n per method in the legend), bands: ±1 sample std.")
         drawn: set[str] = set()
         for g in gs:
             r = g.runs[0]
