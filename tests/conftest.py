@@ -88,3 +88,12 @@ def _two_threads():
     torch.set_num_threads(2)
     yield
     torch.set_num_threads(previous)
+
+
+@pytest.fixture
+def flower_env(tmp_path_factory, monkeypatch):
+    """Flower state in a temp dir; no update check, never a runtime `uv sync` (downloads). Flower
+    test modules use it for every test (``pytestmark = pytest.mark.usefixtures("flower_env")``)."""
+    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr_home")))
+    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
+    monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")

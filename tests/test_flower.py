@@ -49,12 +49,7 @@ SMALL = {"seed": 0, "rounds": 3, "clients_per_round": 4, "eval_every": 2,
          "task": {"name": "digits", "num_clients": 4}, "local": {"steps": 2, "batch_size": 16}}
 
 
-@pytest.fixture(autouse=True)
-def _flower_env(tmp_path_factory, monkeypatch):
-    """Flower state in a temp dir; no update check, never a runtime `uv sync` (downloads)."""
-    monkeypatch.setenv("FLWR_HOME", str(tmp_path_factory.mktemp("flwr_home")))
-    monkeypatch.setenv("FLWR_DISABLE_UPDATE_CHECK", "1")
-    monkeypatch.setenv("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+pytestmark = pytest.mark.usefixtures("flower_env")
 
 
 def make_config(**changes: Any):

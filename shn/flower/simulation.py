@@ -157,18 +157,6 @@ def detached_helpers(parents: set[int]) -> list[int]:
             if i + 1 < len(args) and args[i + 1].isdigit() and int(args[i + 1]) in parents:
                 found.append(int(proc.name))
     return found
-    for proc in proc_dir.iterdir():
-        if not proc.name.isdigit():
-            continue
-        try:
-            args = (proc / "cmdline").read_bytes().decode(errors="replace").split("\0")
-        except OSError:
-            continue
-        if "--parent-pid" in args:
-            i = args.index("--parent-pid")
-            if i + 1 < len(args) and args[i + 1] == str(parent):
-                found.append(int(proc.name))
-    return found
 
 
 def _stop(superlink: subprocess.Popen) -> None:
