@@ -12,7 +12,6 @@ import math
 
 import pytest
 import torch
-from torch import nn
 
 import baselines  # noqa: F401 - registers the methods
 from shn.config import LocalConfig, load_config
