@@ -129,11 +129,11 @@ def _helpers(parent: int) -> list[int]:
     """Flower's helper processes started with ``--parent-pid`` of ``parent`` or of one of those,
     transitively (Linux /proc; they also exit by themselves once their parent has gone)."""
     found: list[int] = []
-    todo = [parent]
-    while todo:
-        direct = detached_helpers({todo.pop()})
-        found += [p for p in direct if p not in found]
-        todo += direct
+    frontier = {parent}
+    while frontier:  # one /proc scan per generation
+        direct = [p for p in detached_helpers(frontier) if p not in found]
+        found += direct
+        frontier = set(direct)
     return found
 
 
