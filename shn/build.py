@@ -244,7 +244,7 @@ def _execute(built: Built, run_path: Path | None, resume: bool, progress: bool, 
     summary.update(result.extra)  # the engine's own reports ([privacy]: ε spent)
     summary["communication"] = sim.traffic.summary(config.compression)
     out = RunResult(config, summary, result.history, result.per_client, run_path, built.algorithm,
-                    {"simulation": sim, "built": built, "elapsed": time.perf_counter() - t0})
+                    {"simulation": sim, "built": built, "runtime": built.runtime, "elapsed": time.perf_counter() - t0})
     for hook in built.context.extras.get("after_training", []):
         summary.update(hook(out))
     if run_path is not None:

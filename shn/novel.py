@@ -19,18 +19,26 @@ set, so there a novel client stays isolated in the encoder.
 from __future__ import annotations
 
 from dataclasses import replace
-from typing import Any, Sequence
+from typing import Any, Protocol, Sequence
 
 import torch
 from torch import Tensor
 
 from shn.config import RunConfig
 from shn.federated.algorithm import HyperNetworkAlgorithm, make_optimizer
-from shn.federated.client import ClientRuntime
+from shn.federated.client import FitResult
 from shn.federated.records import mean_over_clients
 from shn.graph import ClientGraph, nearest_clients
-from shn.seeding import torch_generator
 from shn.target import Params
+
+
+class ClientAccess(Protocol):
+    """What the protocol asks of an engine's clients: ``ClientRuntime`` in-process, the grid on
+    Flower (``shn.flower.engine.GridRuntime``)."""
+
+    def fit_novel(self, client: int, server_weights: Params, seed: int, step: int) -> FitResult: ...
+
+    def evaluate(self, clients: Sequence[int], server_weights: Params) -> dict[int, dict[str, float]]: ...
 
 
 def evaluate_novel_clients(ctx: Any, algorithm: HyperNetworkAlgorithm) -> None:
@@ -39,11 +47,11 @@ def evaluate_novel_clients(ctx: Any, algorithm: HyperNetworkAlgorithm) -> None:
         return
     held = tuple(int(c) for c in ctx.held_out)
     pool = [c for c in range(ctx.task.num_clients) if c not in set(held)]
-    ctx.after_training(lambda out: novel_client_metrics(out.algorithm, out.extra["built"].runtime, held, pool,
+    ctx.after_training(lambda out: novel_client_metrics(out.algorithm, out.extra["runtime"], held, pool,
                                                         ctx.config))
 
 
-def novel_client_metrics(algorithm: HyperNetworkAlgorithm, runtime: ClientRuntime, held_out: Sequence[int],
+def novel_client_metrics(algorithm: HyperNetworkAlgorithm, runtime: ClientAccess, held_out: Sequence[int],
                          pool: Sequence[int], config: RunConfig) -> dict[str, Any]:
     """Fit and evaluate every held-out client; the summary entries (see the module docstring)."""
     before, after = {}, {}
@@ -106,7 +114,7 @@ def novel_weights(algorithm: HyperNetworkAlgorithm, client: int, e: Tensor, pool
     return _generate(algorithm, client, e, _graph_for(algorithm, client, e, pool, config))
 
 
-def fit_novel_embedding(algorithm: HyperNetworkAlgorithm, runtime: ClientRuntime, client: int,
+def fit_novel_embedding(algorithm: HyperNetworkAlgorithm, runtime: ClientAccess, client: int,
                         pool: Sequence[int], config: RunConfig) -> Tensor:
     """``novel.steps`` server steps on the new embedding alone (the hypernetwork is frozen):
     local training from ``θ(e)``, then ``e ← opt(e, (∂θ/∂e)ᵀ (θ − θ̃))``. Returns ``e [e_dim]``."""
@@ -119,8 +127,7 @@ def fit_novel_embedding(algorithm: HyperNetworkAlgorithm, runtime: ClientRuntime
         if step % novel.reattach_every == 0:
             graph = _graph_for(algorithm, client, e, pool, config)
         theta = _generate(algorithm, client, e, graph)
-        fit = runtime.fit([client], {k: v.detach() for k, v in theta.items()},
-                          torch_generator(config.seed, "novel-local", client, step))
+        fit = runtime.fit_novel(client, {k: v.detach() for k, v in theta.items()}, config.seed, step)
         names = list(theta)
         # the pFedHN update, restricted to the new embedding
         (e.grad,) = torch.autograd.grad([theta[n] for n in names], [e], [fit.deltas[n].to(theta[n]) for n in names])

@@ -120,7 +120,8 @@ def _flat(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-def _compared(config: RunConfig, ignore: tuple[str, ...]) -> dict[str, Any]:
+def training_config(config: RunConfig, ignore: tuple[str, ...] = ()) -> dict[str, Any]:
+    """The config's training-relevant keys (dotted): what a resumed run must keep."""
     options = config.method_options  # the active method's, defaults filled in: given or not, the same
     data = config_to_dict(replace(config, sweep={}, methods={} if options is None else {config.method: options}))
     flat = _flat(data)
@@ -132,7 +133,7 @@ def resume_conflicts(stored: RunConfig, new: RunConfig, ignore: tuple[str, ...] 
     """The training-relevant keys (dotted) whose values differ between a run's stored config and
     the config it is resumed with; ``rounds`` and :data:`MAY_DIFFER` are not compared, nor keys
     under a prefix in ``ignore``."""
-    a, b = _compared(stored, ignore), _compared(new, ignore)
+    a, b = training_config(stored, ignore), training_config(new, ignore)
     return sorted(k for k in a.keys() | b.keys() if a.get(k) != b.get(k))
 
 

@@ -587,11 +587,15 @@ def test_simulation_runs_through_flwr_run_and_leaves_nothing_running(tmp_path, m
     from shn.flower.simulation import _helpers, simulate
 
     cfg = tmp_path / "c.toml"
-    cfg.write_text('method = "pfedhn"\nrounds = 1\nclients_per_round = 2\neval_every = 1\n'
+    cfg.write_text('method = "fedper"\nrounds = 1\nclients_per_round = 2\neval_every = 1\n'
                    '[task]\nname = "digits"\nnum_clients = 2\n[local]\nsteps = 2\nbatch_size = 16\n')
     before = ray_processes()
     try:
         result = simulate(cfg, supernodes=2, run_dir=tmp_path / "run", extra={"local.lr": 0.01})
+        summary = json.loads((tmp_path / "run" / "summary.json").read_text())
+        # issue 18 item 4: resumed with more rounds, FedPer's heads come back from the clients' disk
+        resumed = simulate(cfg, supernodes=2, run_dir=tmp_path / "run", extra={"local.lr": 0.01, "rounds": 2},
+                           resume=True)
     finally:  # Ray's actors exit by themselves shortly after the backend stops; make sure they did
         deadline = time.monotonic() + 30
         while ray_processes() - before and time.monotonic() < deadline:
@@ -601,7 +605,6 @@ def test_simulation_runs_through_flwr_run_and_leaves_nothing_running(tmp_path, m
                 os.kill(pid, signal.SIGKILL)
             except ProcessLookupError:
                 pass
-    summary = json.loads((tmp_path / "run" / "summary.json").read_text())
     assert summary["rounds"] == 1 and summary["failed_clients"] == 0 and set(summary["per_client"]) == {"0", "1"}
     assert summary["engine"] == "flower" and result.summary == summary
     assert load_config(tmp_path / "run" / "config.toml").local.lr == 0.01  # an extra key travels as an override
@@ -610,3 +613,10 @@ def test_simulation_runs_through_flwr_run_and_leaves_nothing_running(tmp_path, m
     pid = result.extra["superlink_pid"]
     assert not Path(f"/proc/{pid}").exists() and not _helpers(pid)
     assert not ray_processes() - before
+    from shn.flower.engine import run_in_process
+
+    assert resumed.summary["rounds"] == 2 and list((tmp_path / "run" / "client_state").rglob("round-2.pt"))
+    ref = run_in_process(load_config(cfg, ["rounds=2", "local.lr=0.01"]), run_dir=tmp_path / "ref",
+                         client_state_dir=tmp_path / "ref_state")
+    assert [h["test_accuracy"] for h in resumed.history] == pytest.approx([h["test_accuracy"] for h in ref.history],
+                                                                          abs=1e-6)

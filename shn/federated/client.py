@@ -15,6 +15,7 @@ from shn.federated.attacks import ClientAttack
 from shn.federated.client_method import ClientFit, ClientMethod, ClientRound
 from shn.federated.compression import ClientUpload
 from shn.federated.local import ClientStore, LocalObjective, LocalTrainer, cohort_trainer
+from shn.seeding import torch_generator
 from shn.target import Params
 from tasks.base import Task
 
@@ -127,6 +128,11 @@ class ClientRuntime:
         if self.attack is not None:
             result.deltas = self.attack.corrupt(clients, result.deltas, generator)
         return result
+
+    def fit_novel(self, client: int, server_weights: Mapping[str, Tensor], seed: int, step: int) -> FitResult:
+        """Local training of a held-out client in step ``step`` of its embedding fit
+        (:mod:`shn.novel`), with that step's own minibatch stream."""
+        return self.fit([int(client)], server_weights, torch_generator(seed, "novel-local", int(client), int(step)))
 
     def payloads(self, clients: Sequence[int], deltas: Mapping[str, Tensor], seed: int, round_: int) -> list[Params]:
         """What each client sends back for ``deltas {name: [C, *shape]}`` (a :meth:`fit`

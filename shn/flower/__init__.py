@@ -22,6 +22,10 @@ def __getattr__(name: str) -> Any:
         from shn.flower.simulation import simulate
 
         return simulate
+    if name == "cohort_trainer":
+        from shn.federated.local import cohort_trainer
+
+        return cohort_trainer
     if name in __all__:
         from shn.flower import engine
 

@@ -14,7 +14,8 @@ def _cmd_simulate(args: argparse.Namespace) -> int:
 
     logging.getLogger("flwr").propagate = False  # Flower prints its own log lines; no duplicates
     result = simulate(args.config, overrides=args.overrides, supernodes=args.supernodes, run_dir=args.out,
-                      cpus_per_client=args.cpus_per_client, verbose=args.flower_verbose, overwrite=args.force)
+                      cpus_per_client=args.cpus_per_client, verbose=args.flower_verbose, overwrite=args.force,
+                      resume=args.resume)
     metrics = {k: round(v, 4) for k, v in result.summary["metrics"].items() if k.startswith(("test_", "val_"))}
     print(dumps_json({"run_dir": str(result.run_dir), "method": result.config.method,
                       "task": result.config.task.name, "failed_clients": result.summary["failed_clients"],
@@ -38,6 +39,8 @@ def add_flower_parser(sub: Any) -> None:
                    help="override a config value, e.g. --set rounds=5 (repeatable)")
     s.add_argument("--out", default=None, help="run directory (default runs/flower/<method>-<task>-seed<seed>)")
     s.add_argument("--force", action="store_true", help="replace a run found in --out (else it is refused)")
+    s.add_argument("--resume", action="store_true", help="continue the run in --out from its last checkpoint (same "
+                                                         "numbers as an uninterrupted run; rounds may grow)")
     s.add_argument("--cpus-per-client", type=int, default=1, help="CPUs per simulated ClientApp (a whole number, default 1)")
     s.add_argument("--flower-verbose", action="store_true", help="Flower's verbose logging, and print the run's log")
     s.set_defaults(func=_cmd_simulate)

@@ -27,12 +27,21 @@ Protocol (Flower Message API, one SuperNode = one client, identity = ``partition
   val/test metrics; the record is the mean over clients, as in-process. Replies are validated
   (:func:`shn.federated.validation.validate_metrics`: the task's metric names only, finite,
   within each metric's range); a rejected one is logged and counted in ``rejected_evaluations``.
+* Every ``train`` and ``evaluate`` config also carries ``run-key``, ``resumed-from`` and
+  ``checkpoint-round``: what a client with a state directory needs to keep its state on disk
+  and restore it when the run is resumed (:mod:`shn.flower.client_state`).
+* After training, the method's after-training steps run as in-process, their client work over
+  the grid (:class:`GridRuntime`): a held-out client's embedding fit (``[novel]``) is ``train``
+  messages with ``novel-step`` (the node trains with that step's stream and replies with its
+  delta, validated like a round's update), its evaluation ``evaluate`` messages. A held-out
+  client that does not answer fails that step alone (``after_training_failed`` in the summary).
 
 Personal tensors (FedPer heads, personal input layers, Local's whole model) and a client method's
 personal state (Ditto's personal model; :mod:`shn.federated.client_method`) live in the node's
 ``context.state`` (ArrayRecord ``shn.personal.<client>``) and are never sent; so is a client's
-error-feedback residual with ``[compression]`` (``shn.residual.<client>``). The ClientApp runs
-the method's client side through the same ``ClientRuntime`` as in-process.
+error-feedback residual with ``[compression]`` (``shn.residual.<client>``). The ClientApp
+(:mod:`shn.flower.client_app`) runs the method's client side through the same ``ClientRuntime``
+as in-process.
 
 Run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, ``--run-config``):
 
@@ -49,6 +58,10 @@ Run config (``[tool.flwr.app.config]`` of ``flower_app/pyproject.toml``, ``--run
 ``round-timeout``   seconds to wait for the replies of one round (or evaluation chunk).
 ``partition-map``   TOML file ``"<node id>" = <partition>`` binding clients to node ids (looked
                     up like ``config``); "" = none (contested partitions are dropped).
+``overwrite``       replace a run found in ``run-dir`` (else it is refused).
+``resume``          continue the run in ``run-dir`` from its checkpoint (as ``shn run --resume``).
+``client-state-dir`` read by the ClientApps: where they keep their state for ``resume`` (a
+                    node's own ``state-dir`` node config wins); "" = ``context.state`` only.
 ==================  =======================================================================
 
 Any other key given programmatically (``make_server_app`` defaults, tests) is an override too:
@@ -58,14 +71,10 @@ accepts ``--run-config`` keys that the app's pyproject declares, hence ``overrid
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import logging
 import math
 import shlex
 import time
-import tomllib
-from collections.abc import Iterator, MutableMapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Sequence
@@ -73,26 +82,37 @@ from typing import Any, Callable, Mapping, Sequence
 import torch
 from torch import Tensor
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
-from flwr.clientapp import ClientApp
+from flwr.app import ConfigRecord, RecordDict
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import ServerApp
 
-from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, config_to_dict, dumps_toml, read_config
+from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, read_config
 from shn.federated.algorithm import eval_weights
-from shn.federated.client import ClientRuntime
-from shn.federated.local import cohort_trainer
+from shn.federated.client import FitResult
 from shn.federated.records import atomic_write_text
 from shn.federated.simulation import RoundFaults, Simulation, write_summary
+from shn.federated.validation import UnreadableUpdate, expected_metric_keys, safe_validate_update, validate_metrics
+from shn.flower.client_app import (  # noqa: F401 - the ClientApp's names, re-exported
+    PERSONAL_PREFIX,
+    RESIDUAL_PREFIX,
+    StatePersonal,
+    arrays,
+    client_built,
+    config_text,
+    handle_evaluate,
+    handle_query,
+    handle_train,
+    make_client_app,
+    partition_id,
+)
+from shn.flower.client_state import run_key
 from shn.flower.grid import InProcessGrid
-from shn.federated.validation import UnreadableUpdate, expected_metric_keys, validate_metrics
 from shn.flower.identity import discover_clients, load_partition_map
 from shn.flower.identity import message as _message
 from shn.plugins import load_from_env
 from shn.registry import METHODS
 from shn.rundir import claim
 from shn.runner import INFERRED_GRAPHS, Built, RunResult, build, make_summary, make_task
-from shn.seeding import torch_generator
 
 log = logging.getLogger("shn.flower")
 
@@ -107,11 +127,12 @@ RUN_CONFIG_DEFAULTS: dict[str, Any] = {
     "round-timeout": 600.0,
     "partition-map": "",
     "overwrite": False,
+    "resume": False,
+    "client-state-dir": "",
 }
-ENGINE_KEYS = ("run-dir", "min-nodes", "node-timeout", "round-timeout", "partition-map", "overwrite")
+ENGINE_KEYS = ("run-dir", "min-nodes", "node-timeout", "round-timeout", "partition-map", "overwrite", "resume")
+CLIENT_KEYS = ("client-state-dir",)  # read by the ClientApps (context.run_config), not the server
 
-PERSONAL_PREFIX = "shn.personal."
-RESIDUAL_PREFIX = "shn.residual."  # a client's error-feedback residual ([compression]), never sent
 EVAL_CHUNK = 64  # clients per evaluation exchange (the in-process engine's chunk: same numbers)
 
 
@@ -126,6 +147,7 @@ class EngineSettings:
     round_timeout: float = 600.0
     partition_map: Path | None = None  # None: no binding of partitions to node ids
     overwrite: bool = False  # replace a run found in run_dir (else it is refused: shn.rundir)
+    resume: bool = False  # continue the run in run_dir from its checkpoint (as shn run --resume)
 
 
 def resolve_run_config(run_config: Mapping[str, Any], app_dir: str | Path | None = None) -> tuple[RunConfig, EngineSettings]:
@@ -141,6 +163,8 @@ def resolve_run_config(run_config: Mapping[str, Any], app_dir: str | Path | None
     if rounds:
         data["rounds"] = rounds
     engine = {k: rc.pop(k) for k in ENGINE_KEYS}
+    for key in CLIENT_KEYS:
+        rc.pop(key)
     for key, value in rc.items():  # extra dotted keys: typed overrides
         node = data
         parts = [p.replace("-", "_") for p in str(key).split(".")]
@@ -152,8 +176,11 @@ def resolve_run_config(run_config: Mapping[str, Any], app_dir: str | Path | None
     config = config_from_dict(data)
     run_dir = str(engine["run-dir"] or "").strip()
     partition_map = str(engine["partition-map"] or "").strip()
-    if not isinstance(engine["overwrite"], bool):
-        raise ConfigError(f"run config 'overwrite': expected true or false, got {engine['overwrite']!r}")
+    for key in ("overwrite", "resume"):
+        if not isinstance(engine[key], bool):
+            raise ConfigError(f"run config {key!r}: expected true or false, got {engine[key]!r}")
+    if engine["overwrite"] and engine["resume"]:
+        raise ConfigError("run config: 'overwrite' and 'resume' exclude each other (replace the run, or continue it)")
     settings = EngineSettings(
         run_dir=Path(run_dir) if run_dir else None,
         min_nodes=int(engine["min-nodes"]),
@@ -161,6 +188,7 @@ def resolve_run_config(run_config: Mapping[str, Any], app_dir: str | Path | None
         round_timeout=float(engine["round-timeout"]),
         partition_map=_find_config(partition_map, app_dir, "partition-map") if partition_map else None,
         overwrite=engine["overwrite"],
+        resume=engine["resume"],
     )
     return config, settings
 
@@ -174,21 +202,12 @@ def _find_config(path: str, app_dir: str | Path | None, key: str = "config") -> 
     raise ConfigError(f"run config {key!r}: {path!r} not found (looked in {', '.join(map(str, candidates))})")
 
 
-def config_text(config: RunConfig) -> str:
-    """The resolved config as TOML: what the server sends, what clients rebuild from."""
-    return dumps_toml(config_to_dict(config))
-
-
 def default_run_dir(config: RunConfig) -> Path:
     return Path("runs") / "flower" / f"{config.method}-{config.task.name}-seed{config.seed}"
 
 
 # ----------------------------------------------------------------------------------------------
 # the server
-
-def _arrays(tensors: Mapping[str, Tensor]) -> Any:
-    return ArrayRecord({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-
 
 class FlowerSimulation(Simulation):
     """The in-process loop (evaluation schedule, metrics log, checkpoints, history records)
@@ -207,6 +226,21 @@ class FlowerSimulation(Simulation):
         self.failed_evaluations = 0
         self.rejected_evaluations = 0  # evaluation replies that failed validate_metrics
         self._expected: frozenset[str] | None = None  # the task's metric names (computed once)
+        self.run_key = run_key(config)  # names the clients' state snapshots (shn.flower.client_state)
+        self.resumed_from = 0  # the checkpoint round a resumed run continues from (0: a fresh run)
+        self._round = 0  # the round being run (its messages name the last checkpoint before it)
+
+    def _load(self, state: dict[str, Any]) -> None:
+        super()._load(state)
+        self.resumed_from = int(state["round"])
+
+    def _resumption(self) -> dict[str, Any]:
+        """What every message tells the client about its state on disk: the run's key, the round
+        a resumed run continues from, and the last checkpoint (snapshots before it may go)."""
+        every = self.config.checkpoint_every if self.run_dir is not None else 0
+        last = ((self._round - 1) // every) * every if every and self._round > 0 else 0
+        return {"run-key": self.run_key, "resumed-from": self.resumed_from,
+                "checkpoint-round": max(self.resumed_from, last)}
 
     def _send(self, kind: str, group: str, clients: Sequence[int], weights: Mapping[str, Tensor],
               extra: Callable[[int], dict[str, Any]]) -> tuple[dict[int, Any], dict[int, int]]:
@@ -215,10 +249,10 @@ class FlowerSimulation(Simulation):
         msgs = []
         sent: dict[int, int] = {}
         for i, c in enumerate(clients):
-            cfg = ConfigRecord({"client": int(c), "shn-config": self.text, **extra(i)})
-            arrays = _arrays({k: v[i] for k, v in weights.items()})
-            sent[int(c)] = arrays.count_bytes()
-            content = RecordDict({"arrays": arrays, "config": cfg})
+            cfg = ConfigRecord({"client": int(c), "shn-config": self.text, **self._resumption(), **extra(i)})
+            record = arrays({k: v[i] for k, v in weights.items()})
+            sent[int(c)] = record.count_bytes()
+            content = RecordDict({"arrays": record, "config": cfg})
             msgs.append(_message(content, self.nodes[c], kind, group))
         by_node: dict[int, Any] = {}
         for reply in self.grid.send_and_receive(msgs, timeout=self.round_timeout):
@@ -235,6 +269,7 @@ class FlowerSimulation(Simulation):
         return {c: v for c, v in out.items() if v is not None}, sent
 
     def run_round(self, round_: int) -> dict[str, float]:
+        self._round = round_
         clients = self.round_clients(round_)
         if not clients:
             return {"accepted": 0.0, "rejected": 0.0}
@@ -267,18 +302,42 @@ class FlowerSimulation(Simulation):
         out: dict[int, dict[str, float]] = {}
         for s in range(0, len(clients), self.eval_chunk):
             chunk = clients[s:s + self.eval_chunk]
-            replies, _ = self._send("evaluate", f"eval-{s}", chunk, eval_weights(self.algorithm, chunk), lambda i: {})
-            for c in chunk:
-                if c not in replies:
-                    self.failed_evaluations += 1
-                    continue
-                row, reason = self._checked_metrics(c, replies[c])
-                if reason is not None:
-                    self.rejected_evaluations += 1
-                    log.warning("rejected the evaluation report of client %d: %s", c, reason)
-                else:
-                    out[c] = row
+            out.update(self.evaluate_weights(chunk, eval_weights(self.algorithm, chunk), f"eval-{s}"))
         return out
+
+    def evaluate_weights(self, clients: Sequence[int], weights: Mapping[str, Tensor],
+                         group: str = "eval") -> dict[int, dict[str, float]]:
+        """Each client's checked val/test metrics with ``weights {name: [C, *shape]}``; a client
+        that does not answer, or whose report is rejected, is counted and left out."""
+        out: dict[int, dict[str, float]] = {}
+        replies, _ = self._send("evaluate", group, clients, weights, lambda i: {})
+        for c in clients:
+            if c not in replies:
+                self.failed_evaluations += 1
+                continue
+            row, reason = self._checked_metrics(c, replies[c])
+            if reason is not None:
+                self.rejected_evaluations += 1
+                log.warning("rejected the evaluation report of client %d: %s", c, reason)
+            else:
+                out[c] = row
+        return out
+
+    def fit_novel(self, client: int, weights: Mapping[str, Tensor], step: int) -> FitResult:
+        """Step ``step`` of a held-out client's embedding fit (:mod:`shn.novel`) on its node; its
+        delta is validated as a round's update is. Raises when the client does not answer or its
+        reply is rejected (the after-training step then fails alone)."""
+        replies, _ = self._send("train", f"novel-{client}-{step}", [client], weights,
+                                lambda i: {"round": 0, "slot": 0, "cohort": 1, "novel-step": int(step)})
+        if client not in replies:
+            raise ClientUnavailable(f"novel client {client} did not answer step {step} of its fit")
+        payload, _, n, loss = _parse_fit(replies[client])
+        spec = self.algorithm.server_spec
+        reason = safe_validate_update(spec, payload, n, self.config.validation.max_norm)
+        if reason is not None:
+            raise ClientUnavailable(f"novel client {client}, step {step}: update rejected ({reason})")
+        return FitResult({k: payload[k][None] for k in spec.names}, torch.tensor([int(n)]),
+                         torch.tensor([loss if loss is not None else math.nan]))
 
     def _checked_metrics(self, client: int, content: Any) -> tuple[dict[str, float], str | None]:
         """A reply's metrics as floats, or the reason they are rejected (nothing a client
@@ -318,10 +377,12 @@ def _parse_fit(content: Any) -> tuple[Any, int, Any, float | None]:
 
 
 def run_federation(grid: Any, config: RunConfig, settings: EngineSettings = EngineSettings()) -> RunResult:
-    """The ServerApp's body: discover clients, run ``config.rounds`` rounds, write the run directory
-    (locked for the run; a run already there is refused unless ``settings.overwrite``)."""
+    """The ServerApp's body: discover clients, run ``config.rounds`` rounds, run the method's
+    after-training steps (novel clients, encoder energy, ...), write the run directory (locked
+    for the run; a run already there is refused unless ``settings.resume`` continues it from its
+    checkpoint, as ``shn run --resume``, or ``settings.overwrite`` replaces it)."""
     run_dir = settings.run_dir or default_run_dir(config)
-    with claim(run_dir, config, overwrite=settings.overwrite):
+    with claim(run_dir, config, resume=settings.resume, overwrite=settings.overwrite):
         return _run_federation(grid, config, settings, run_dir)
 
 
@@ -338,14 +399,12 @@ def _run_federation(grid: Any, config: RunConfig, settings: EngineSettings, run_
     task = built.task
     held = set(built.context.held_out)
     wanted = [c for c in range(task.num_clients) if c not in held]
-    min_nodes = min(settings.min_nodes or len(wanted), len(wanted))
-    if built.context.extras.get("after_training"):
-        log.warning("post-training steps of %s (e.g. novel-client evaluation) are not run by the Flower engine",
-                    config.method)
+    min_nodes = min(settings.min_nodes or task.num_clients, task.num_clients)
     text = config_text(config)
     bound = load_partition_map(settings.partition_map, task.num_clients) if settings.partition_map else None
-    nodes = discover_clients(grid, text, wanted, min_nodes, settings.node_timeout, partition_map=bound)
-    pool = sorted(nodes)
+    # held-out clients are nodes too: they join after training ([novel])
+    nodes = discover_clients(grid, text, range(task.num_clients), min_nodes, settings.node_timeout, partition_map=bound)
+    pool = sorted(c for c in nodes if c not in held)
     if pool != wanted:
         log.warning("training on partitions %s of the task's %d clients", pool, len(wanted))
     atomic_write_text(run_dir / "config.toml", text)
@@ -356,18 +415,52 @@ def _run_federation(grid: Any, config: RunConfig, settings: EngineSettings, run_
 
     sim = FlowerSimulation(config, built, grid, nodes, pool=pool, round_timeout=settings.round_timeout,
                            run_dir=run_dir, on_eval=on_eval)
-    result = sim.run()
+    result = sim.run(resume=settings.resume)
     summary = make_summary(config, task, result.history, result.per_client, result.rejected_updates,
                            result.failed_clients, result.wall_time_s)
     summary.update(result.extra)  # the engine's own reports ([privacy]: ε spent)
     summary["engine"] = "flower"
     summary["communication"] = sim.traffic.summary(config.compression)
+    out = RunResult(config, summary, result.history, result.per_client, run_dir, built.algorithm,
+                    {"simulation": sim, "built": built, "runtime": GridRuntime(sim), "elapsed": time.perf_counter() - t0})
+    failed_steps = []
+    for hook in built.context.extras.get("after_training", []):  # as in-process (shn.build.execute)
+        try:
+            summary.update(hook(out))
+        except ClientUnavailable as e:  # a client gone after training fails that step alone
+            log.warning("an after-training step failed: %s", e)
+            failed_steps.append(str(e))
+    if failed_steps:
+        summary["after_training_failed"] = failed_steps
     summary["failed_evaluations"] = sim.failed_evaluations
     summary["rejected_evaluations"] = sim.rejected_evaluations
     write_summary(run_dir, summary)
     flwr_log(logging.INFO, "shn: finished; summary in %s", run_dir / "summary.json")
-    return RunResult(config, summary, result.history, result.per_client, run_dir, built.algorithm,
-                     {"simulation": sim, "built": built, "elapsed": time.perf_counter() - t0})
+    return out
+
+
+class ClientUnavailable(RuntimeError):
+    """A client an after-training step needs did not answer, or its reply was rejected."""
+
+
+class GridRuntime:
+    """The clients as after-training steps use them (:class:`shn.novel.ClientAccess`: what
+    ``ClientRuntime`` offers in-process), each call a message exchange over the grid."""
+
+    def __init__(self, sim: FlowerSimulation) -> None:
+        self.sim = sim
+        self.task = sim.runtime.task
+
+    def fit_novel(self, client: int, server_weights: Mapping[str, Tensor], seed: int, step: int) -> FitResult:
+        # the node draws the step's minibatches from the run's seed, which the config it gets carries
+        return self.sim.fit_novel(client, server_weights, step)
+
+    def evaluate(self, clients: Sequence[int], server_weights: Mapping[str, Tensor]) -> dict[int, dict[str, float]]:
+        out = self.sim.evaluate_weights(list(clients), server_weights, "after-training")
+        missing = [c for c in clients if c not in out]
+        if missing:
+            raise ClientUnavailable(f"clients {missing} did not report their evaluation")
+        return out
 
 
 def make_server_app(app_dir: str | Path | None = None, defaults: Mapping[str, Any] | None = None,
@@ -389,133 +482,17 @@ def make_server_app(app_dir: str | Path | None = None, defaults: Mapping[str, An
 
 
 # ----------------------------------------------------------------------------------------------
-# the client
-
-class StatePersonal(MutableMapping):
-    """``PersonalStore`` backing in a node's ``context.state``: client -> ArrayRecord
-    ``shn.personal.<client>``, kept by the SuperNode between rounds, never sent. With
-    ``prefix = RESIDUAL_PREFIX``: the client's error-feedback residual ([compression])."""
-
-    def __init__(self, state: Any, prefix: str = PERSONAL_PREFIX) -> None:
-        self.state = state
-        self.prefix = prefix
-
-    def _key(self, client: int) -> str:
-        return f"{self.prefix}{int(client)}"
-
-    def __getitem__(self, client: int) -> dict[str, Tensor]:
-        key = self._key(client)
-        if key not in self.state:
-            raise KeyError(client)
-        return dict(self.state[key].to_torch_state_dict())
-
-    def __setitem__(self, client: int, params: Mapping[str, Tensor]) -> None:
-        self.state[self._key(client)] = _arrays(params)
-
-    def __delitem__(self, client: int) -> None:
-        del self.state[self._key(client)]
-
-    def __iter__(self) -> Iterator[int]:
-        return iter([int(k[len(self.prefix):]) for k in list(self.state.keys()) if k.startswith(self.prefix)])
-
-    def __len__(self) -> int:
-        return sum(1 for _ in self)
-
-
-_TASKS: dict[str, Any] = {}
-_BUILT: dict[tuple[str, int, str], Built] = {}
-
-
-def _client_config(text: str, node_config: Mapping[str, Any]) -> RunConfig:
-    config = config_from_dict(tomllib.loads(text))
-    data_dir = node_config.get("data-dir")
-    if data_dir and hasattr(config.task.options, "data_dir"):  # this machine's copy of the data
-        config = dataclasses.replace(config, task=dataclasses.replace(
-            config.task, options=dataclasses.replace(config.task.options, data_dir=str(data_dir))))
-    return config
-
-
-def partition_id(context: Any) -> int:
-    try:
-        return int(context.node_config["partition-id"])
-    except (KeyError, TypeError, ValueError):
-        raise ValueError("this SuperNode has no integer partition-id: start it with "
-                         "--node-config 'partition-id=<client index>'") from None
-
-
-def client_built(text: str, client: int, node_config: Mapping[str, Any] | None = None) -> Built:
-    """Task, method and runtime for one client, cached per process (a simulation worker or a
-    test grid serves many clients; a deployed SuperNode starts a process per message)."""
-    node_config = dict(node_config or {})
-    key = (text, client, str(node_config.get("data-dir", "")))
-    if key not in _BUILT:
-        load_from_env()  # this process's plugins (its entry points and SHN_PLUGINS), never the server's
-        config = _client_config(text, node_config)
-        tkey = config_text(config)
-        if tkey not in _TASKS:
-            _TASKS.clear()  # one task per process at a time
-            _TASKS[tkey] = make_task(config)
-        _BUILT[key] = build(config, task=_TASKS[tkey], store_clients=[client])
-    return _BUILT[key]
-
-
-def _runtime(built: Built, context: Any, slot: int = 0, cohort: int = 1) -> ClientRuntime:
-    """The built runtime with this round's cohort trainer and personal tensors in ``context.state``."""
-    personal = copy.copy(built.runtime.personal)  # same initial values, another backing
-    personal.values = StatePersonal(context.state)
-    upload = built.runtime.upload
-    return ClientRuntime(built.task, cohort_trainer(built.runtime.trainer, slot, cohort), built.runtime.store, personal,
-                         attack=built.runtime.attack,  # [attack]: the same malicious clients as in-process
-                         method=built.runtime.method,
-                         upload=upload.with_residuals(StatePersonal(context.state, RESIDUAL_PREFIX)) if upload else None)
-
-
-def _received(msg: Any, context: Any) -> tuple[Built, int, Mapping[str, Any], dict[str, Tensor]]:
-    client = partition_id(context)
-    cfg = msg.content["config"]
-    if int(cfg["client"]) != client:
-        raise ValueError(f"message for client {cfg['client']} reached the SuperNode of partition {client}")
-    built = client_built(str(cfg["shn-config"]), client, context.node_config)
-    device = built.runtime.store.device
-    weights = {k: v.unsqueeze(0).to(device) for k, v in msg.content["arrays"].to_torch_state_dict().items()}
-    return built, client, cfg, weights
-
-
-def handle_train(msg: Any, context: Any) -> Any:
-    built, client, cfg, weights = _received(msg, context)
-    runtime = _runtime(built, context, int(cfg["slot"]), int(cfg["cohort"]))
-    gen = torch_generator(built.config.seed, "local-training", int(cfg["round"]))
-    fit = runtime.fit([client], weights, gen)
-    payload = runtime.payloads([client], fit.deltas, built.config.seed, int(cfg["round"]))[0]  # [compression]
-    metrics = MetricRecord({"num-examples": int(fit.num_examples[0]), "train-loss": float(fit.loss[0]),
-                            "partition-id": client})
-    return Message(RecordDict({"delta": _arrays(payload), "metrics": metrics}), reply_to=msg)
-
-
-def handle_evaluate(msg: Any, context: Any) -> Any:
-    built, client, _, weights = _received(msg, context)
-    row = _runtime(built, context).evaluate([client], weights)[client]
-    return Message(RecordDict({"metrics": MetricRecord({**row, "partition-id": client})}), reply_to=msg)
-
-
-def handle_query(msg: Any, context: Any) -> Any:
-    """Which client is this node? Answered from the node config alone (no data, no torch work):
-    ``flower_app``'s ClientApp answers it without importing shn at all, and must reply the same."""
-    return Message(RecordDict({"metrics": MetricRecord({"partition-id": partition_id(context)})}), reply_to=msg)
-
-
-def make_client_app() -> Any:
-    app = ClientApp()
-    app.train()(handle_train)
-    app.evaluate()(handle_evaluate)
-    app.query()(handle_query)
-    return app
-
+# the client: shn.flower.client_app
 
 def run_in_process(config: RunConfig, *, run_dir: str | Path | None = None, client_app: Any = None,
-                   grid: Any = None, overwrite: bool = False) -> RunResult:
+                   grid: Any = None, overwrite: bool = False, resume: bool = False,
+                   client_state_dir: str | Path | None = None) -> RunResult:
     """The Flower engine without Ray or a SuperLink: every ClientApp call made in this process
-    (one Context per client). Same numbers as ``shn.runner.run`` for the same config."""
+    (one Context per client). Same numbers as ``shn.runner.run`` for the same config. With
+    ``client_state_dir`` the clients keep their state on disk too, so ``resume`` continues
+    exactly (:mod:`shn.flower.client_state`)."""
     task = make_task(config)
-    grid = grid or InProcessGrid(client_app or make_client_app(), task.num_clients)
-    return run_federation(grid, config, EngineSettings(run_dir=Path(run_dir) if run_dir else None, overwrite=overwrite))
+    run_config = {"client-state-dir": str(client_state_dir)} if client_state_dir else None
+    grid = grid or InProcessGrid(client_app or make_client_app(), task.num_clients, run_config=run_config)
+    return run_federation(grid, config, EngineSettings(run_dir=Path(run_dir) if run_dir else None, overwrite=overwrite,
+                                                       resume=resume))

@@ -180,19 +180,24 @@ def _stop(superlink: subprocess.Popen) -> None:
 
 def simulate(config_path: str | Path, *, overrides: Sequence[str] = (), supernodes: int | None = None,
              run_dir: str | Path | None = None, cpus_per_client: int = 1, extra: Mapping[str, Any] | None = None,
-             verbose: bool = False, startup_timeout: float = 60.0, overwrite: bool = False) -> Any:
+             verbose: bool = False, startup_timeout: float = 60.0, overwrite: bool = False,
+             resume: bool = False) -> Any:
     """Run the shn Flower app on Flower's simulation runtime (``flwr run``, see the module doc);
-    one simulated SuperNode per client by default. Returns the run directory as a RunResult."""
+    one simulated SuperNode per client by default. Returns the run directory as a RunResult.
+    The simulated clients keep their state in ``<run dir>/client_state`` (unless ``extra`` sets
+    ``client-state-dir``), so ``resume`` continues a killed run exactly from its checkpoint."""
     from shn.build import RunResult, make_task
     from shn.federated.records import read_jsonl
     from shn.flower.engine import default_run_dir, resolve_run_config
 
     config_path = Path(config_path).resolve()
     run_config = _run_config(config_path, overrides, Path(run_dir).resolve() if run_dir else "",
-                             {"overwrite": overwrite, **dict(extra or {})})
+                             {"overwrite": overwrite, "resume": resume, **dict(extra or {})})
     config, settings = resolve_run_config(run_config)  # a bad config is one line, before anything starts
     out = (settings.run_dir or default_run_dir(config)).resolve()
     run_config["run-dir"] = str(out)
+    if not run_config.get("client-state-dir"):
+        run_config["client-state-dir"] = str(out / "client_state")
     if supernodes is None:
         supernodes = make_task(config).num_clients
     if supernodes < 1:
