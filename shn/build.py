@@ -16,7 +16,7 @@ from typing import Any, Sequence
 import torch
 
 from shn.config import ConfigError, RunConfig, config_to_dict, dumps_toml
-from shn.federated.algorithm import Algorithm
+from shn.federated.algorithm import Algorithm, HyperNetworkAlgorithm
 from shn.federated.client import ClientRuntime, PersonalStore
 from shn.federated.client_method import ClientMethod
 from shn.federated.compression import ClientUpload
@@ -30,7 +30,7 @@ from shn.registry import METHODS, TASKS
 from shn.run_graph import resolve_graph
 from shn.rundir import claim
 from shn.seeding import seeded_init
-from shn.target import ParamSpec, module_params
+from shn.target import ParamSpec, module_params, nests_in
 from tasks.base import Task
 from tasks.datasets import DataError
 
@@ -112,17 +112,40 @@ def client_templates(task: Task, seed: int, device: torch.device) -> dict[int, t
     return {c: m.to(device) for c, m in models.items()}
 
 
-def _personal_per_client(algorithm: Algorithm, templates: dict[int, torch.nn.Module], method: str) -> dict[int, Any]:
-    """Each client's initial personal tensors; the tensors the server shares must agree in shape."""
+def widest_template(templates: dict[int, torch.nn.Module]) -> torch.nn.Module:
+    """The client architecture every other one nests in (each tensor a leading block of its
+    own: the widest of width-scaled models), else client 0's: what the server's tensors follow."""
+    specs = {c: ParamSpec.from_module(m) for c, m in templates.items()}
+    for c, spec in specs.items():
+        if all(nests_in(other, spec) for other in specs.values()):
+            return templates[c]
+    return templates[min(templates)]
+
+
+def _personal_per_client(algorithm: Algorithm, templates: dict[int, torch.nn.Module], method: str,
+                         nested: bool = False) -> dict[int, Any]:
+    """Each client's initial personal tensors. The tensors the server shares must agree in
+    shape, or — for a hypernetwork method on a task whose architectures nest (width
+    multipliers) — be leading blocks of the server's, which each client receives and trains."""
     shared = algorithm.server_spec
+    slices = nested and isinstance(algorithm, HyperNetworkAlgorithm)
     for c, m in templates.items():
         spec = ParamSpec.from_module(m)
         shapes = dict(zip(spec.names, spec.shapes))
         bad = [n for n, s in zip(shared.names, shared.shapes) if shapes.get(n) != s]
+        if bad and slices and nests_in(spec.subset(bad), shared.subset(bad)):
+            continue
+        if bad and nested:
+            raise ConfigError(
+                f"method {method!r} shares {bad[:3]}, whose shapes differ between the clients' widths "
+                f"(task.widths): only a hypernetwork method (pfedhn, ghn, shn, panacea) generates each width's "
+                "tensors, or use method \"local\""
+            )
         if bad:
             raise ConfigError(
                 f"method {method!r} shares {bad} but client {c}'s model has other shapes there ({[shapes.get(n) for n in bad]}): "
-                "the clients' architectures differ; keep those tensors personal (method \"decoupled\")"
+                "the clients' architectures differ; keep those tensors personal (method \"decoupled\", or "
+                "hypernetwork.personal_input = true for the hypernetwork methods)"
             )
     return {c: {k: v for k, v in module_params(m).items() if k in algorithm.personal_keys} for c, m in templates.items()}
 
@@ -137,7 +160,7 @@ def build(config: RunConfig, *, task: Task | None = None, graph: Any = None,
     if not held_out:  # novel clients ([novel] fraction), the same set the pipeline holds out
         held_out = _held_out(config, task)
     templates = client_templates(task, config.seed, device)
-    template = make_template(task, config.seed, device) if templates is None else templates[0]
+    template = make_template(task, config.seed, device) if templates is None else widest_template(templates)
     ctx = MethodContext(config, task, template, device, graph=graph, warm_embeddings=warm_embeddings,
                         held_out=tuple(held_out), client_templates=templates, warm_hypernetwork=warm_hypernetwork)
     entry = METHODS.get(config.method)
@@ -145,7 +168,8 @@ def build(config: RunConfig, *, task: Task | None = None, graph: Any = None,
         ctx.graph = resolve_graph(config, task, held_out)
     algorithm = entry.factory(ctx)
     enable_privacy(algorithm, config)  # [privacy]: the Gaussian mechanism in the server step
-    per_client = _personal_per_client(algorithm, templates, config.method) if templates is not None else None
+    nested = bool(getattr(task, "nested_architectures", False))
+    per_client = _personal_per_client(algorithm, templates, config.method, nested) if templates is not None else None
     trainer = LocalTrainer(template, task.loss, config.local, templates=templates)
     attack = ClientAttack.from_config(config.attack, config.seed, task.num_clients)
     store = _client_store(task, store_clients, device, attack, config.seed)

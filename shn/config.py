@@ -120,6 +120,10 @@ class HyperNetworkConfig:
         graph_branch: graph methods: the trunk reads the encoder output ("replace", the SHN
             paper) or the embedding plus a zero-initialised projection of it ("residual":
             starts as pFedHN).
+        personal_input: DEPT's decoupling for every hypernetwork method: the target's first
+            layer (``input_proj.*`` / ``conv1.*``) stays on each client, trained locally and never
+            sent; the hypernetwork generates the body. Lets clients whose inputs differ (weather
+            stations with different variables) train with a hypernetwork.
     """
 
     embed_dim: int | None = None
@@ -127,6 +131,7 @@ class HyperNetworkConfig:
     n_hidden: int = 3
     spectral_norm: bool = False
     graph_branch: Literal["replace", "residual"] = "replace"
+    personal_input: bool = False
 
     def __post_init__(self) -> None:
         _positive(self, "hidden")

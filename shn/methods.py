@@ -153,7 +153,11 @@ def hypernetwork_algorithm(ctx: MethodContext, hn: HyperNetwork, *, graph: Any =
                            ) -> HyperNetworkAlgorithm:
     """The pFedHN server around ``hn`` with what every hypernetwork method reports after
     training: novel-client generalisation (``[novel]``) and, for graph encoders, the Dirichlet
-    energy of each encoder layer's output."""
+    energy of each encoder layer's output. ``hypernetwork.personal_input`` adds the target's
+    first layer to ``personal_keys``."""
+    if ctx.config.hypernetwork.personal_input:  # DEPT-style: the input layer stays on the client
+        first = ctx.spec.names[0].rsplit(".", 1)[0] + "."
+        personal_keys = tuple(dict.fromkeys([*personal_keys, *ctx.keys_with_prefix(first)]))
     algorithm = HyperNetworkAlgorithm(hn, ctx.config.server, graph=graph, initial=ctx.initial,
                                       personal_keys=personal_keys, regularizer=regularizer, seed=ctx.seed)
     record_encoder_energy(ctx, algorithm)

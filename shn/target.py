@@ -10,7 +10,7 @@ from __future__ import annotations
 import copy
 import math
 from dataclasses import dataclass
-from typing import Callable, Iterable, Mapping
+from typing import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -62,6 +62,32 @@ class ParamSpec:
         batch = flat.shape[:-1]
         chunks = flat.split(list(self.numels), dim=-1)
         return {n: c.reshape(*batch, *s) for n, c, s in zip(self.names, chunks, self.shapes)}
+
+
+def leading_block(t: Tensor, shape: Sequence[int], batch_dims: int = 0) -> Tensor:
+    """The leading ``shape`` block of ``t [*B, *full]`` (a narrower architecture's tensor inside
+    the widest one's: the first channels / units along every dimension, HeteroFL's nesting)."""
+    full = t.shape[batch_dims:]
+    if len(full) != len(shape) or any(s > f for s, f in zip(shape, full)):
+        raise ValueError(f"shape {tuple(shape)} does not fit inside {tuple(full)}")
+    return t[(slice(None),) * batch_dims + tuple(slice(0, int(s)) for s in shape)]
+
+
+def pad_block(t: Tensor, full: Sequence[int], batch_dims: int = 0) -> Tensor:
+    """``t [*B, *shape]`` as the leading block of zeros ``[*B, *full]``: the adjoint of
+    :func:`leading_block`, so a narrow client's delta is the widest tensors' exact gradient input."""
+    if tuple(t.shape[batch_dims:]) == tuple(full):
+        return t
+    out = t.new_zeros(*t.shape[:batch_dims], *full)
+    out[(slice(None),) * batch_dims + tuple(slice(0, int(s)) for s in t.shape[batch_dims:])] = t
+    return out
+
+
+def nests_in(inner: ParamSpec, outer: ParamSpec) -> bool:
+    """Whether every tensor of ``inner`` is a leading block of ``outer``'s (same names and ranks)."""
+    o = dict(zip(outer.names, outer.shapes))
+    return all(n in o and len(s) == len(o[n]) and all(a <= b for a, b in zip(s, o[n]))
+               for n, s in zip(inner.names, inner.shapes))
 
 
 def module_params(module: nn.Module) -> Params:

@@ -84,6 +84,10 @@ class ClassificationOptions:
             CNN otherwise).
         max_train_per_class, max_test_per_class: keep only the first ``k`` images of each class
             (train before the validation split); ``None`` keeps all. For fast tests and sweeps.
+        widths: width multipliers of the target (heterogeneous clients): client ``c`` runs
+            ``model`` with every hidden width × ``widths[c % len(widths)]``; the narrower models'
+            tensors nest in the widest one's, which the hypernetwork methods generate (README:
+            Heterogeneous clients). ``[]`` = every client the published sizes.
     """
 
     dataset: str | None = None
@@ -101,6 +105,7 @@ class ClassificationOptions:
     model: str = "auto"
     max_train_per_class: int | None = None
     max_test_per_class: int | None = None
+    widths: tuple[float, ...] = ()
 
     def __post_init__(self) -> None:
         def choice(key: str, allowed: tuple[str, ...], allow_none: bool = False) -> None:
@@ -127,6 +132,12 @@ class ClassificationOptions:
         integer("num_groups", 1)
         integer("max_train_per_class", 1, allow_none=True)
         integer("max_test_per_class", 1, allow_none=True)
+        widths = self.widths
+        if not isinstance(widths, (list, tuple)) or not all(
+                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and 0 < w <= 64
+                for w in widths):
+            raise ValueError(f"task option widths={widths!r} must be a list of numbers in (0, 64], e.g. [0.5, 1, 2]")
+        object.__setattr__(self, "widths", tuple(float(w) for w in widths))
         if not isinstance(self.allow_pickle, bool):
             raise ValueError(f"task option allow_pickle={self.allow_pickle!r} must be true or false")
         if self.data_format == "pickle" and not self.allow_pickle:
@@ -247,9 +258,19 @@ class ClassificationTask:
             raise IndexError(f"client {client} out of range [0, {self.num_clients})")
         return self._clients[client]
 
+    @property
+    def nested_architectures(self) -> bool:
+        """Whether clients run width-scaled models whose tensors nest (``widths``)."""
+        return len(set(self.options.widths)) > 1
+
+    def width_of(self, client: int | None) -> float:
+        """Client ``client``'s width multiplier (``None``: the widest, the server's)."""
+        widths = self.options.widths or (1.0,)
+        return max(widths) if client is None else widths[int(client) % len(widths)]
+
     def make_model(self, client: int | None = None) -> nn.Module:
-        """The shared target classifier (all clients have the same input shape)."""
-        return make_classifier(self.options.model, self.input_shape, self.num_classes)
+        """The target classifier of ``client`` (its width from ``widths``; ``None``: the widest)."""
+        return make_classifier(self.options.model, self.input_shape, self.num_classes, self.width_of(client))
 
     def loss(self, output: Tensor, *targets: Tensor) -> Tensor:
         return classification_loss(output, *targets)

@@ -431,7 +431,8 @@ class ForecastTask:
             if len(set(sizes)) > 1:
                 raise ValueError(
                     f"task {self.name!r}: clients have different input sizes {sorted(set(sizes))}, so there is no "
-                    "single shared model; use method \"decoupled\" (personal input_proj layer per client) or "
+                    "single shared model; use method \"decoupled\" (personal input_proj layer per client), a "
+                    "hypernetwork method with hypernetwork.personal_input = true, or "
                     "give every client the same input variables"
                 )
             in_features = sizes[0]

@@ -16,7 +16,7 @@ from shn.federated.client_method import ClientFit, ClientMethod, ClientRound
 from shn.federated.compression import ClientUpload
 from shn.federated.local import ClientStore, LocalObjective, LocalTrainer, cohort_trainer
 from shn.seeding import torch_generator
-from shn.target import Params
+from shn.target import Params, ParamSpec, leading_block, pad_block
 from tasks.base import Task
 
 
@@ -100,6 +100,7 @@ class ClientRuntime:
         self.attack = attack  # simulated malicious clients ([attack]); None: every client is honest
         self.method = method or ClientMethod()  # the method's client side (plain local training)
         self.upload = upload  # [compression] of what clients send back; None: deltas as they are
+        self._shape_cache: dict[int, dict[str, tuple[int, ...]]] = {}
 
     def full_weights(self, clients: Sequence[int], server_weights: Mapping[str, Tensor]) -> Params:
         """Server tensors ``[C, *shape]`` plus each client's personal tensors, stacked."""
@@ -115,7 +116,8 @@ class ClientRuntime:
         """One un-batched dict per client: its row of the server tensors plus its personal ones."""
         out = []
         for i, c in enumerate(clients):
-            p = {k: v[i] for k, v in server_weights.items()}
+            shapes = self._shapes(int(c))
+            p = {k: leading_block(v[i], shapes[k]) for k, v in server_weights.items()}
             if self.personal.initial:
                 p.update({k: v.to(self.store.device) for k, v in self.personal.get(int(c)).items()})
             out.append(p)
@@ -141,10 +143,17 @@ class ClientRuntime:
             return [{k: v[i] for k, v in deltas.items()} for i in range(len(clients))]
         return self.upload.encode(clients, dict(deltas), seed, round_)
 
+    def _shapes(self, client: int) -> dict[str, tuple[int, ...]]:
+        """The client's own tensor shapes (its architecture's; the server may send wider ones)."""
+        if client not in self._shape_cache:
+            spec = ParamSpec.from_module(self.trainer.template_for(client))
+            self._shape_cache[client] = dict(zip(spec.names, spec.shapes))
+        return self._shape_cache[client]
+
     def _fit(self, clients: Sequence[int], server_weights: Mapping[str, Tensor], generator: torch.Generator) -> FitResult:
-        if self.trainer.templates:  # architectures differ between clients: nothing can be stacked
+        if self.trainer.templates:  # architectures differ between clients: one batch per architecture
             if type(self.method) is ClientMethod:
-                return self._fit_each(clients, server_weights, generator)
+                return self._fit_groups(clients, server_weights, generator)
             return self._fit_method_each(clients, server_weights, generator)
         received = self.full_weights(clients, server_weights)
         round_ = self._round(clients, received, tuple(server_weights),
@@ -187,18 +196,43 @@ class ClientRuntime:
                                  lambda s, o, t=trainer, g=gen, c=c: t.train(s, self.store, [c], g, o))
             fit = self.method.fit(round_)
             self._keep([c], fit)
-            deltas.append({k: received[k][0] - fit.model[k][0] for k in server_weights})
+            deltas.append({k: pad_block(received[k][0] - fit.model[k][0], v.shape[1:]) for k, v in server_weights.items()})
             losses.append(fit.loss[0])
         stacked = {k: torch.stack([d[k] for d in deltas]) for k in server_weights}
         return FitResult(stacked, self.store.num_train(clients), torch.stack(losses))
 
-    def _fit_each(self, clients: Sequence[int], server_weights: Mapping[str, Tensor], generator: torch.Generator) -> FitResult:
-        start = self.client_weights(clients, server_weights)
-        trained, loss = self.trainer.train_each(start, self.store, clients, generator)
-        for c, p in zip(clients, trained):
-            self.personal.put(int(c), p)
-        deltas = {k: torch.stack([s[k] - t[k] for s, t in zip(start, trained)]) for k in server_weights}
-        return FitResult(deltas, self.store.num_train(clients), loss)
+    def _fit_groups(self, clients: Sequence[int], server_weights: Mapping[str, Tensor],
+                    generator: torch.Generator) -> FitResult:
+        """Clients whose architectures differ: the clients of one architecture trained as one
+        batch (any local mode), each from the leading block of the server's tensors that fits its
+        architecture (:func:`~shn.target.leading_block`) and with its column of the cohort's
+        minibatch draw; each delta is returned zero-padded to the server's shapes, the exact
+        gradient input of that slicing. The round's generator advances by one cohort draw."""
+        clients = [int(c) for c in clients]
+        groups: dict[tuple, list[int]] = {}
+        for i, c in enumerate(clients):
+            groups.setdefault(tuple(sorted(self._shapes(c).items())), []).append(i)
+        device = self.store.device
+        deltas = {k: torch.zeros_like(v) for k, v in server_weights.items()}
+        losses = torch.zeros(len(clients), device=device)
+        state = generator.get_state()
+        for slots in groups.values():
+            members = [clients[i] for i in slots]
+            shapes = self._shapes(members[0])
+            index = torch.tensor(slots, dtype=torch.long, device=device)
+            received = self.full_weights(members, {k: leading_block(v[index.to(v.device)], shapes[k], 1)
+                                                   for k, v in server_weights.items()})
+            trainer = cohort_trainer(self.trainer.for_group(members[0]), slots, len(clients))
+            gen = torch.Generator(device=generator.device)
+            gen.set_state(state)
+            result = trainer.train(received, self.store, members, gen)
+            for j, c in enumerate(members):
+                self.personal.put(c, {k: v[j] for k, v in result.params.items()})
+            for k, v in server_weights.items():
+                deltas[k][index.to(v.device)] = pad_block(received[k] - result.params[k], v.shape[1:], 1).to(v)
+            losses[index] = result.loss.to(device)
+        self.trainer.minibatch_uniforms(generator, len(clients))  # as one cohort draw would
+        return FitResult(deltas, self.store.num_train(clients), losses)
 
     @torch.no_grad()
     def evaluate(self, clients: Sequence[int], server_weights: Mapping[str, Tensor],

@@ -156,7 +156,7 @@ class LocalTrainer:
         loss: ``loss(output, *targets) -> 0-d tensor``, vmap-safe.
         config: steps, lr, momentum, weight decay, batch size, grad clip, mode.
         templates: per-client architectures for tasks whose clients differ (e.g. input sizes);
-            such clients are trained one by one with :meth:`train_each`.
+            the clients of one architecture are trained together (:meth:`for_group`).
     """
 
     def __init__(self, template: nn.Module, loss: Callable[..., Tensor], config: LocalConfig, *,
@@ -204,6 +204,18 @@ class LocalTrainer:
         out.config = replace(self.config, mode="loop")
         client_loss = self._loss_of(template)
         out._vgrad, out._grad = vmap(grad_and_value(client_loss)), autograd_grad_and_value(client_loss)
+        return out
+
+    def for_group(self, client: int) -> "LocalTrainer":
+        """A copy of this trainer for the clients that share ``client``'s architecture, in this
+        trainer's mode (any ``minibatch_uniforms`` override is kept)."""
+        template = self.template_for(client)
+        out = copy.copy(self)
+        out.template, out.templates, out._client_grads = template, {}, {}
+        client_loss = self._loss_of(template)
+        out._vgrad, out._grad = vmap(grad_and_value(client_loss)), autograd_grad_and_value(client_loss)
+        out._grouped_net, out._grouped_grad, out._grouped_numel = None, None, {}
+        out.__dict__.pop("grouped_reason", None)  # the cached answer was the other template's
         return out
 
     def resolve_mode(self, device: torch.device) -> str:
@@ -368,19 +380,23 @@ class LocalTrainer:
         return {k: torch.stack([g[k] for g in per_grad]) for k in p}, torch.stack(per_loss)
 
 
-def cohort_trainer(trainer: LocalTrainer, slot: int, cohort: int) -> LocalTrainer:
-    """A copy of ``trainer`` that trains one client alone with exactly the minibatches it gets
-    in a cohort of ``cohort``: its column ``slot`` of the draw made for the whole cohort (every
-    phase draws again, as the cohort does). The Flower engine trains each client this way, and
-    the in-process engine does for clients whose architectures differ."""
-    if not 0 <= slot < cohort:
-        raise ValueError(f"slot {slot} outside a cohort of {cohort}")
+def cohort_trainer(trainer: LocalTrainer, slot: int | Sequence[int], cohort: int) -> LocalTrainer:
+    """A copy of ``trainer`` that trains one client (``slot``), or a group of them (``slot`` a
+    list of slots), with exactly the minibatches they get in a cohort of ``cohort``: their
+    columns of the draw made for the whole cohort (every phase draws again, as the cohort does).
+    The Flower engine trains each client this way, and the in-process engine each architecture's
+    clients when architectures differ."""
+    slots = [int(slot)] if isinstance(slot, int) else [int(s) for s in slot]
+    if not slots or any(not 0 <= s < cohort for s in slots):
+        raise ValueError(f"slots {slots} outside a cohort of {cohort}")
     out = copy.copy(trainer)
+    columns = torch.tensor(slots, dtype=torch.long)
 
     def minibatch_uniforms(generator: torch.Generator, num_clients: int, steps: int | None = None) -> Tensor:
-        if num_clients != 1:
-            raise ValueError("a cohort trainer trains exactly one client")
-        return trainer.minibatch_uniforms(generator, cohort, steps)[:, slot:slot + 1]
+        if num_clients != len(slots):
+            raise ValueError(f"a cohort trainer trains exactly its {len(slots)} client(s)")
+        draw = trainer.minibatch_uniforms(generator, cohort, steps)
+        return draw[:, columns.to(draw.device)]
 
     out.minibatch_uniforms = minibatch_uniforms  # type: ignore[method-assign]
     return out

@@ -1,0 +1,178 @@
+"""Heterogeneous clients from one hypernetwork (issue 18 item 1).
+
+Width-scaled targets (``task.widths``): a narrower model's tensors are leading blocks of the
+widest one's, which every hypernetwork method generates; each client trains the block that fits
+its architecture, the clients of one architecture as one batch, and its delta comes back
+zero-padded (the exact gradient input of the slicing). Clients whose inputs differ train with a
+hypernetwork through ``hypernetwork.personal_input`` (DEPT's decoupling).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.func import functional_call
+
+from shn.build import build
+from shn.config import ConfigError, config_from_dict
+from shn.federated.local import ClientStore, LocalConfig, LocalTrainer
+from shn.runner import run
+from shn.seeding import torch_generator
+from shn.target import ParamSpec, leading_block, module_params, nests_in, pad_block
+from tasks.models import MLP, PFedHNCNN, SmallCNN
+from tests.test_baselines import MixedInputTask
+
+WIDTHS = [0.5, 1, 2]
+
+
+def cfg(method: str = "pfedhn", **changes):
+    data = {"method": method, "seed": 0, "rounds": 2, "clients_per_round": 6, "eval_every": 1,
+            "task": {"name": "digits", "num_clients": 6, "widths": WIDTHS, "model": "cnn"},
+            "local": {"steps": 3, "batch_size": 16}}
+    for key, value in changes.items():
+        node = data
+        *path, last = key.split(".")
+        for p in path:
+            node = node.setdefault(p, {})
+        node[last] = value
+    return config_from_dict(data)
+
+
+@pytest.mark.parametrize("make", [
+    lambda w: PFedHNCNN(3, 10, width=w),
+    lambda w: SmallCNN(1, 10, image_size=8, width=w),
+    lambda w: MLP(20, 5, hidden=(16, 12), width=w),
+])
+def test_a_narrow_model_is_the_wide_model_with_its_outer_units_zeroed(make):
+    """Nesting: the narrow model on the leading blocks computes what the wide model computes
+    when every weight outside those blocks is zero (the channel-major flatten keeps fc1 aligned)."""
+    torch.manual_seed(0)
+    wide, narrow = make(2.0), make(0.5)
+    assert nests_in(ParamSpec.from_module(narrow), ParamSpec.from_module(wide))
+    params = module_params(wide)
+    shapes = {n: p.shape for n, p in narrow.named_parameters()}
+    blocks = {n: leading_block(params[n], shapes[n]) for n in params}
+    masked = {n: pad_block(blocks[n], params[n].shape) for n in params}
+    x = torch.randn(4, *((3, 32, 32) if isinstance(wide, PFedHNCNN) else (1, 8, 8) if isinstance(wide, SmallCNN) else (20,)))
+    assert torch.allclose(functional_call(narrow, blocks, (x,)), functional_call(wide, masked, (x,)), atol=1e-5)
+
+
+def test_pad_block_is_the_adjoint_of_leading_block():
+    x, y = torch.randn(3, 6, 5), torch.randn(3, 4, 2)
+    assert torch.allclose((leading_block(x, (4, 2), 1) * y).sum(), (x * pad_block(y, (6, 5), 1)).sum())
+    with pytest.raises(ValueError, match="does not fit"):
+        leading_block(x, (7, 2), 1)
+
+
+def test_the_server_generates_the_widest_architecture_and_clients_train_their_block():
+    built = build(cfg())
+    assert built.task.nested_architectures and [built.task.width_of(c) for c in range(6)] == [0.5, 1, 2, 0.5, 1, 2]
+    spec = built.algorithm.server_spec
+    assert dict(zip(spec.names, spec.shapes))["conv1.weight"] == (32, 1, 3, 3)  # width 2 of SmallCNN's 16
+    runtime = built.runtime
+    weights = built.algorithm.weights_for([0, 1, 2])
+    per_client = runtime.client_weights([0, 1, 2], weights)
+    assert [p["conv1.weight"].shape[0] for p in per_client] == [8, 16, 32]
+    assert torch.equal(per_client[0]["fc1.weight"], weights["fc1.weight"][0, :32, :8 * 2 * 2 * 2])
+
+
+def test_one_batch_per_architecture_equals_each_client_alone():
+    """The grouped path (a batch per width, each client its column of the cohort's draw) equals
+    training every client alone from its block with the loop, and the deltas are zero outside."""
+    built = build(cfg(**{"local.mode": "loop"}))
+    runtime, alg = built.runtime, built.algorithm
+    clients = [0, 1, 2, 3, 4, 5]
+    weights = alg.weights_for(clients)
+    fit = runtime.fit(clients, weights, torch_generator(0, "local-training", 1))
+    trainer = runtime.trainer
+    starts = runtime.client_weights(clients, weights)
+    each, _ = trainer.train_each(starts, runtime.store, clients, torch_generator(0, "local-training", 1))
+    for i, c in enumerate(clients):
+        for k in weights:
+            own = starts[i][k] - each[i][k]
+            got = fit.deltas[k][i]
+            assert torch.allclose(leading_block(got, own.shape), own, atol=1e-6), (c, k)
+            outside = got.clone()
+            outside[tuple(slice(0, s) for s in own.shape)] = 0
+            assert not outside.any()
+
+
+@pytest.mark.parametrize("method,extra", [
+    ("pfedhn", {}),
+    ("ghn", {"graph.kind": "complete"}),
+    ("shn", {"graph.kind": "complete", "encoder.layers": 1}),
+    ("panacea", {"graph.kind": "complete"}),
+])
+def test_every_hypernetwork_method_runs_width_heterogeneous_clients(method, extra):
+    result = run(cfg(method, **extra), progress=False)
+    assert set(result.per_client) == set(range(6))
+    assert all(torch.isfinite(torch.tensor(row["test_loss"])) for row in result.per_client.values())
+
+
+def test_width_heterogeneous_pfedhn_learns():
+    result = run(cfg(rounds=30, eval_every=10, **{"local.steps": 10}), progress=False)
+    assert result.history[-1]["test_accuracy"] > 0.8, result.history
+    for width in (0.5, 1.0, 2.0):  # every width learns, not only the widest
+        rows = [row for c, row in result.per_client.items() if result.config.task.options.widths[c % 3] == width]
+        assert min(r["test_accuracy"] for r in rows) > 0.6, (width, rows)
+
+
+def test_methods_that_average_tensors_refuse_widths_and_local_runs():
+    with pytest.raises(ConfigError, match=r"shares .*widths.*hypernetwork method"):
+        build(cfg("fedavg"))
+    result = run(cfg("local"), progress=False)
+    assert set(result.per_client) == set(range(6))
+
+
+def test_widths_are_checked():
+    for bad in ([0, 1], ["a"], 3, [float("inf")]):
+        with pytest.raises(ConfigError, match="widths"):
+            cfg(**{"task.widths": bad})
+
+
+def test_width_heterogeneous_flower_equals_in_process(tmp_path, flower_env):
+    pytest.importorskip("flwr.app")
+    from shn.flower.engine import run_in_process
+
+    config = cfg()
+    ref = run(config, progress=False)
+    got = run_in_process(config, run_dir=tmp_path / "run")
+    assert [h["test_accuracy"] for h in got.history] == pytest.approx([h["test_accuracy"] for h in ref.history],
+                                                                       abs=1e-6)
+    for k, v in ref.algorithm.hn.state_dict().items():
+        assert torch.allclose(v, got.algorithm.hn.state_dict()[k], atol=1e-6), k
+
+
+# -- clients whose inputs differ: the hypernetwork generates the body, the input layer is personal
+
+@pytest.mark.parametrize("method,extra", [
+    ("pfedhn", {}),
+    ("ghn", {"graph.kind": "complete"}),
+    ("shn", {"graph.kind": "complete", "encoder.layers": 1}),
+])
+def test_hypernetwork_methods_train_clients_whose_inputs_differ(method, extra):
+    task = MixedInputTask()
+    config = cfg(method, rounds=20, eval_every=20, clients_per_round=4,
+                 **{"hypernetwork.personal_input": True, "local.steps": 8, "local.lr": 0.1, **extra})
+    result = run(config, task=task, progress=False)
+    assert set(result.algorithm.server_spec.names) == {"body.weight", "body.bias", "head.weight", "head.bias"}
+    runtime = result.extra["runtime"]
+    for c, f in enumerate(task.sizes):
+        assert runtime.personal.get(c)["input_proj.weight"].shape == (8, f)
+    assert result.metrics["test_accuracy"] > 0.7, result.metrics
+    with pytest.raises(ConfigError, match="personal_input"):
+        build(cfg(method, clients_per_round=2, **extra), task=task)
+
+
+def test_group_trainer_keeps_the_cohort_columns():
+    """A group of slots of a cohort draws exactly those columns of the cohort's draw."""
+    from shn.federated.local import cohort_trainer
+
+    model = MLP(4, 2, hidden=(3,))
+    trainer = LocalTrainer(model, torch.nn.functional.cross_entropy, LocalConfig(steps=2, batch_size=4))
+    full = trainer.minibatch_uniforms(torch_generator(0, "x"), 5)
+    group = cohort_trainer(trainer, [1, 3], 5).minibatch_uniforms(torch_generator(0, "x"), 2)
+    assert torch.equal(group, full[:, [1, 3]])
+    with pytest.raises(ValueError, match="outside a cohort"):
+        cohort_trainer(trainer, [5], 5)
+    assert isinstance(ClientStore, type)
