@@ -166,6 +166,15 @@ class HyperNetwork(nn.Module):
             for n, shape in zip(self.spec.names, self.spec.shapes)
         }
 
+    def restrict(self, names: Sequence[str]) -> None:
+        """Generate only the tensors ``names``: the heads of the others go (tensors a client keeps
+        personal are never generated). Each head has its own seeded stream, so the rest is
+        unchanged, and so are the generated tensors."""
+        keep = set(names)
+        self.spec = self.spec.subset(n for n in self.spec.names if n in keep)
+        for key in [k for k in self.heads if k not in {_key(n) for n in keep}]:
+            del self.heads[key]
+
     def embedding_parameters(self) -> list[nn.Parameter]:
         return [self.embeddings.weight]
 

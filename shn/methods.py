@@ -136,7 +136,8 @@ def load_shared_parameters(hn: HyperNetwork, state: dict[str, torch.Tensor]) -> 
     """Copy a trained pFedHN's embeddings, trunk and heads into ``hn`` (every one must match in
     shape: use ``hypernetwork.graph_branch = "residual"`` so the trunk reads the embedding width)."""
     own = hn.state_dict()
-    shared = [k for k in state if k.startswith(("embeddings.", "trunk.", "heads."))]
+    # heads of tensors this run keeps personal are not generated (HyperNetwork.restrict)
+    shared = [k for k in state if k.startswith(("embeddings.", "trunk.")) or (k.startswith("heads.") and k in own)]
     bad = [k for k in shared if k not in own or own[k].shape != state[k].shape]
     if bad:
         raise ConfigError(

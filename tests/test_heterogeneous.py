@@ -176,3 +176,17 @@ def test_group_trainer_keeps_the_cohort_columns():
     with pytest.raises(ValueError, match="outside a cohort"):
         cohort_trainer(trainer, [5], 5)
     assert isinstance(ClientStore, type)
+
+
+def test_the_hypernetwork_generates_only_the_tensors_it_sends():
+    """Issue 18 item 2: with a personal head (pFedHN-PC) or personal input layer, the heads of
+    those tensors are not built; the rest of the hypernetwork, and what it generates, is unchanged."""
+    full = build(cfg(**{"task.widths": []})).algorithm
+    pc = build(cfg(**{"task.widths": [], "methods.pfedhn.personal_head": True,
+                      "hypernetwork.personal_input": True})).algorithm
+    assert set(pc.hn.spec.names) == set(pc.server_spec.names) == set(full.server_spec.names) - {
+        "head.weight", "head.bias", "conv1.weight", "conv1.bias"}
+    assert not any(k.startswith(("heads.head", "heads.conv1")) for k in pc.hn.state_dict())
+    a, b = full.weights_for([0, 1]), pc.weights_for([0, 1])
+    assert all(torch.equal(a[k], b[k]) for k in b)
+    assert set(pc.initial_personal()) == {"head.weight", "head.bias", "conv1.weight", "conv1.bias"}

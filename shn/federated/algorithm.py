@@ -115,8 +115,10 @@ class HyperNetworkAlgorithm(_PersonalMixin):
         self.hn = hn
         self.graph = graph
         self.config = config
-        self.spec = hn.spec
+        self.spec = hn.spec  # the whole target
         self.personal_keys = frozenset(personal_keys)
+        if self.personal_keys:  # generate only what is sent (issue 18 item 2)
+            hn.restrict(self.server_spec.names)
         self._initial = initial or {}
         self.regularizer = regularizer
         self.seed = seed
