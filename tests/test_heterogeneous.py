@@ -130,17 +130,69 @@ def test_widths_are_checked():
             cfg(**{"task.widths": bad})
 
 
-def test_width_heterogeneous_flower_equals_in_process(tmp_path, flower_env):
+@pytest.mark.parametrize("compression", [{}, {"compression.kind": "topk", "compression.topk_fraction": 0.2},
+                                         {"compression.kind": "qsgd8"}])
+def test_width_heterogeneous_flower_equals_in_process(tmp_path, flower_env, compression):
+    """Each client receives and sends only its block, on both engines (same numbers, same bytes)."""
     pytest.importorskip("flwr.app")
-    from shn.flower.engine import run_in_process
+    from shn.flower.engine import InProcessGrid, make_client_app, run_in_process
 
-    config = cfg()
+    config = cfg(**compression)
     ref = run(config, progress=False)
-    got = run_in_process(config, run_dir=tmp_path / "run")
+    grid = InProcessGrid(make_client_app(), 6)
+    got = run_in_process(config, run_dir=tmp_path / "run", grid=grid)
     assert [h["test_accuracy"] for h in got.history] == pytest.approx([h["test_accuracy"] for h in ref.history],
                                                                        abs=1e-6)
     for k, v in ref.algorithm.hn.state_dict().items():
         assert torch.allclose(v, got.algorithm.hn.state_dict()[k], atol=1e-6), k
+    assert got.summary["communication"] == ref.summary["communication"]
+    widths = config.task.options.widths
+    for m in grid.sent:
+        if m.metadata.message_type in ("train", "evaluate"):
+            c = int(m.content["config"]["client"])
+            assert m.content["arrays"]["conv1.weight"].shape[0] == int(16 * widths[c % 3])
+
+
+def test_a_narrow_client_receives_and_sends_its_block_and_the_bytes_say_so():
+    result = run(cfg(rounds=1), progress=False)
+    per_client = result.summary["communication"]["per_client"]
+    down = {int(c): v["bytes_down"] for c, v in per_client.items()}
+    up = {int(c): v["bytes_up"] for c, v in per_client.items()}
+    assert down[0] < down[1] < down[2] and up[0] < up[1] < up[2]  # widths 0.5, 1, 2
+    from shn.federated.traffic import payload_bytes
+
+    built = build(cfg())
+    block = built.runtime.client_weights([0], built.algorithm.weights_for([0]))[0]
+    assert down[0] == payload_bytes(block) == up[0]
+
+
+def test_an_upload_in_other_shapes_than_its_block_is_rejected(tmp_path, flower_env):
+    """A width-0.5 client that sends a delta in the widest shapes (reaching tensors it does not
+    have) is rejected, never padded or applied."""
+    pytest.importorskip("flwr.app")
+    from flwr.app import ArrayRecord, Message, RecordDict
+
+    from shn.flower.engine import run_in_process
+
+    real = make_client_app_for_test()
+    widest = {n: tuple(s) for n, s in zip(build(cfg()).algorithm.server_spec.names,
+                                         build(cfg()).algorithm.server_spec.shapes)}
+
+    def client_app(msg, context):
+        reply = real(msg, context)
+        if msg.metadata.message_type == "train" and int(msg.content["config"]["client"]) == 0:
+            delta = {k: torch.zeros(widest[k]) for k in reply.content["delta"].keys()}
+            return Message(RecordDict({"delta": ArrayRecord(delta), "metrics": reply.content["metrics"]}), reply_to=msg)
+        return reply
+
+    result = run_in_process(cfg(rounds=1), run_dir=tmp_path / "run", client_app=client_app)
+    assert result.summary["rejected_updates"] == 1
+
+
+def make_client_app_for_test():
+    from shn.flower.engine import make_client_app
+
+    return make_client_app()
 
 
 # -- clients whose inputs differ: the hypernetwork generates the body, the input layer is personal

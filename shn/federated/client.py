@@ -116,7 +116,7 @@ class ClientRuntime:
         """One un-batched dict per client: its row of the server tensors plus its personal ones."""
         out = []
         for i, c in enumerate(clients):
-            shapes = self._shapes(int(c))
+            shapes = self.shapes_of(int(c))
             p = {k: leading_block(v[i], shapes[k]) for k, v in server_weights.items()}
             if self.personal.initial:
                 p.update({k: v.to(self.store.device) for k, v in self.personal.get(int(c)).items()})
@@ -139,11 +139,39 @@ class ClientRuntime:
     def payloads(self, clients: Sequence[int], deltas: Mapping[str, Tensor], seed: int, round_: int) -> list[Params]:
         """What each client sends back for ``deltas {name: [C, *shape]}`` (a :meth:`fit`
         result): its delta, or its compressed form (:mod:`shn.federated.compression`)."""
+        if self.trainer.templates:  # architectures differ: each client sends its own block
+            return self._block_payloads(clients, deltas, seed, round_)
         if self.upload is None:
             return [{k: v[i] for k, v in deltas.items()} for i in range(len(clients))]
         return self.upload.encode(clients, dict(deltas), seed, round_)
 
-    def _shapes(self, client: int) -> dict[str, tuple[int, ...]]:
+    def _groups(self, clients: Sequence[int]) -> list[list[int]]:
+        """The slots of ``clients`` by architecture (first appearance order)."""
+        groups: dict[tuple, list[int]] = {}
+        for i, c in enumerate(clients):
+            groups.setdefault(tuple(sorted(self.shapes_of(int(c)).items())), []).append(i)
+        return list(groups.values())
+
+    def _block_payloads(self, clients: Sequence[int], deltas: Mapping[str, Tensor], seed: int,
+                        round_: int) -> list[Params]:
+        """Each client's upload of the block of ``deltas`` its architecture uses, compressed with
+        the codec of that block's shapes (:mod:`shn.federated.blocks` decodes it)."""
+        clients = [int(c) for c in clients]
+        out: list[Params] = [{} for _ in clients]
+        for slots in self._groups(clients):
+            members = [clients[i] for i in slots]
+            shapes = self.shapes_of(members[0])
+            block = {k: leading_block(v[torch.tensor(slots, device=v.device)], shapes[k], 1) for k, v in deltas.items()}
+            if self.upload is None:
+                encoded = [{k: v[j] for k, v in block.items()} for j in range(len(slots))]
+            else:
+                spec = ParamSpec(tuple(block), tuple(tuple(v.shape[1:]) for v in block.values()))
+                encoded = self.upload.for_spec(spec).encode(members, block, seed, round_)
+            for j, i in enumerate(slots):
+                out[i] = encoded[j]
+        return out
+
+    def shapes_of(self, client: int) -> dict[str, tuple[int, ...]]:
         """The client's own tensor shapes (its architecture's; the server may send wider ones)."""
         if client not in self._shape_cache:
             spec = ParamSpec.from_module(self.trainer.template_for(client))
@@ -209,16 +237,13 @@ class ClientRuntime:
         minibatch draw; each delta is returned zero-padded to the server's shapes, the exact
         gradient input of that slicing. The round's generator advances by one cohort draw."""
         clients = [int(c) for c in clients]
-        groups: dict[tuple, list[int]] = {}
-        for i, c in enumerate(clients):
-            groups.setdefault(tuple(sorted(self._shapes(c).items())), []).append(i)
         device = self.store.device
         deltas = {k: torch.zeros_like(v) for k, v in server_weights.items()}
         losses = torch.zeros(len(clients), device=device)
         state = generator.get_state()
-        for slots in groups.values():
+        for slots in self._groups(clients):
             members = [clients[i] for i in slots]
-            shapes = self._shapes(members[0])
+            shapes = self.shapes_of(members[0])
             index = torch.tensor(slots, dtype=torch.long, device=device)
             received = self.full_weights(members, {k: leading_block(v[index.to(v.device)], shapes[k], 1)
                                                    for k, v in server_weights.items()})

@@ -58,6 +58,7 @@ class UploadCodec:
     """
 
     def __init__(self, config: CompressionConfig, spec: ParamSpec) -> None:
+        self.config = config
         self.kind = config.kind
         self.spec = spec
         self.k = {n: topk_count(numel, config.topk_fraction) for n, numel in zip(spec.names, spec.numels)}
@@ -172,6 +173,13 @@ class ClientUpload:
     def with_residuals(self, residuals: MutableMapping[int, Params] | None) -> "ClientUpload":
         """The same codec over another residual store (a Flower node's); keeps "no feedback"."""
         return ClientUpload(self.codec, residuals if self.residuals is not None else None)
+
+    def for_spec(self, spec: ParamSpec) -> "ClientUpload":
+        """The same compression and residual store for deltas of ``spec``'s shapes (a narrower
+        client's block: :mod:`shn.federated.blocks`)."""
+        if spec == self.codec.spec:
+            return self
+        return ClientUpload(UploadCodec(self.codec.config, spec), self.residuals)
 
     def encode(self, clients: Sequence[int], deltas: Params, seed: int, round_: int) -> list[Params]:
         """``clients``' payloads for ``deltas {name: [C, *shape]}`` in round ``round_``."""

@@ -15,7 +15,7 @@ import torch
 from shn.config import RunConfig
 from shn.federated.algorithm import Algorithm, eval_weights
 from shn.federated.client import ClientRuntime
-from shn.federated.compression import UploadCodec
+from shn.federated.blocks import ClientBlocks
 from shn.federated.records import (
     CheckpointError,
     MetricsLog,
@@ -111,7 +111,8 @@ class Simulation:
         mechanism = getattr(algorithm, "privacy", None)  # [privacy]: ε after each round
         self.accountant = (PrivacyAccountant(config.privacy, config.clients_per_round, len(self.pool),
                                              mechanism.prior_steps) if mechanism is not None else None)
-        self.codec = UploadCodec(config.compression, algorithm.server_spec)  # the server decodes uploads
+        # the server decodes uploads; width-nested clients get and send only their block
+        self.blocks = ClientBlocks(algorithm.server_spec, runtime.shapes_of, config.compression)
         self.traffic = Traffic()  # bytes to and from each client (shn.federated.traffic)
         self.run_dir = run_dir
         self.progress = progress
@@ -140,14 +141,13 @@ class Simulation:
             return {"accepted": 0.0, "rejected": 0.0}
         self.client_updates += len(clients)
         weights = self.server.weights_for(clients)
-        down = payload_bytes(weights, batch_dims=1)  # every client gets its row: the same shapes
         fit = self.runtime.fit(clients, weights, torch_generator(cfg.seed, "local-training", round_))
         self._train_losses.append(float(fit.loss.mean()))
         payloads = self.runtime.payloads(clients, fit.deltas, cfg.seed, round_)
         for c, payload in zip(clients, payloads):
-            self.traffic.sent(c, down)
+            self.traffic.sent(c, self.blocks.down_bytes(c, weights))
             self.traffic.received(c, payload_bytes(payload))
-        deltas = [self.codec.decode(p) for p in payloads]
+        deltas = [self.blocks.receive(c, p) for c, p in zip(clients, payloads)]
         return self.server.receive(round_, clients, deltas, fit.num_examples.tolist())
 
     def evaluate(self, clients: Sequence[int] | None = None) -> dict[int, dict[str, float]]:

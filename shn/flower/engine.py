@@ -250,7 +250,7 @@ class FlowerSimulation(Simulation):
         sent: dict[int, int] = {}
         for i, c in enumerate(clients):
             cfg = ConfigRecord({"client": int(c), "shn-config": self.text, **self._resumption(), **extra(i)})
-            record = arrays({k: v[i] for k, v in weights.items()})
+            record = arrays(self.blocks.send(c, {k: v[i] for k, v in weights.items()}))  # its block
             sent[int(c)] = record.count_bytes()
             content = RecordDict({"arrays": record, "config": cfg})
             msgs.append(_message(content, self.nodes[c], kind, group))
@@ -287,7 +287,7 @@ class FlowerSimulation(Simulation):
             payload, nbytes, n, loss = _parse_fit(replies[c])
             self.traffic.received(c, nbytes)
             ok.append(c)
-            deltas.append(payload if isinstance(payload, UnreadableUpdate) else self.codec.decode(payload))
+            deltas.append(payload if isinstance(payload, UnreadableUpdate) else self.blocks.receive(c, payload))
             counts.append(n)
             if loss is not None:
                 losses.append(loss)
@@ -332,6 +332,8 @@ class FlowerSimulation(Simulation):
         if client not in replies:
             raise ClientUnavailable(f"novel client {client} did not answer step {step} of its fit")
         payload, _, n, loss = _parse_fit(replies[client])
+        if not isinstance(payload, UnreadableUpdate):
+            payload = self.blocks.receive(client, payload, compressed=False)
         spec = self.algorithm.server_spec
         reason = safe_validate_update(spec, payload, n, self.config.validation.max_norm)
         if reason is not None:
