@@ -88,6 +88,8 @@ class ClassificationOptions:
             ``model`` with every hidden width × ``widths[c % len(widths)]``; the narrower models'
             tensors nest in the widest one's, which the hypernetwork methods generate (README:
             Heterogeneous clients). ``[]`` = every client the published sizes.
+        client_widths: each client's width multiplier, one per client (overrides ``widths``'
+            round-robin; for clients that declare their own capacity).
     """
 
     dataset: str | None = None
@@ -106,6 +108,7 @@ class ClassificationOptions:
     max_train_per_class: int | None = None
     max_test_per_class: int | None = None
     widths: tuple[float, ...] = ()
+    client_widths: tuple[float, ...] | None = None
 
     def __post_init__(self) -> None:
         def choice(key: str, allowed: tuple[str, ...], allow_none: bool = False) -> None:
@@ -132,12 +135,18 @@ class ClassificationOptions:
         integer("num_groups", 1)
         integer("max_train_per_class", 1, allow_none=True)
         integer("max_test_per_class", 1, allow_none=True)
-        widths = self.widths
-        if not isinstance(widths, (list, tuple)) or not all(
-                isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and 0 < w <= 64
-                for w in widths):
-            raise ValueError(f"task option widths={widths!r} must be a list of numbers in (0, 64], e.g. [0.5, 1, 2]")
-        object.__setattr__(self, "widths", tuple(float(w) for w in widths))
+        for key in ("widths", "client_widths"):
+            widths = getattr(self, key)
+            if widths is None and key == "client_widths":
+                continue
+            if not isinstance(widths, (list, tuple)) or not all(
+                    isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and 0 < w <= 64
+                    for w in widths):
+                raise ValueError(f"task option {key}={widths!r} must be a list of numbers in (0, 64], e.g. [0.5, 1, 2]")
+            object.__setattr__(self, key, tuple(float(w) for w in widths))
+        if self.client_widths is not None and len(self.client_widths) != self.num_clients:
+            raise ValueError(f"task option client_widths has {len(self.client_widths)} entries, expected one per "
+                             f"client (num_clients = {self.num_clients})")
         if not isinstance(self.allow_pickle, bool):
             raise ValueError(f"task option allow_pickle={self.allow_pickle!r} must be true or false")
         if self.data_format == "pickle" and not self.allow_pickle:
@@ -261,10 +270,13 @@ class ClassificationTask:
     @property
     def nested_architectures(self) -> bool:
         """Whether clients run width-scaled models whose tensors nest (``widths``)."""
-        return len(set(self.options.widths)) > 1
+        return len({self.width_of(c) for c in range(self.num_clients)}) > 1
 
     def width_of(self, client: int | None) -> float:
         """Client ``client``'s width multiplier (``None``: the widest, the server's)."""
+        if self.options.client_widths is not None:
+            widths = self.options.client_widths
+            return max(widths) if client is None else widths[int(client)]
         widths = self.options.widths or (1.0,)
         return max(widths) if client is None else widths[int(client) % len(widths)]
 

@@ -128,6 +128,16 @@ def test_widths_are_checked():
     for bad in ([0, 1], ["a"], 3, [float("inf")]):
         with pytest.raises(ConfigError, match="widths"):
             cfg(**{"task.widths": bad})
+    with pytest.raises(ConfigError, match="client_widths has 2 entries, expected one per client"):
+        cfg(**{"task.client_widths": [1, 2]})
+
+
+def test_clients_may_declare_their_own_widths():
+    built = build(cfg(**{"task.widths": [], "task.client_widths": [2, 1, 1, 0.5, 0.5, 0.5]}))
+    task = built.task
+    assert [task.width_of(c) for c in range(6)] == [2, 1, 1, 0.5, 0.5, 0.5] and task.width_of(None) == 2
+    assert [p["conv1.weight"].shape[0] for p in built.runtime.client_weights(
+        range(6), built.algorithm.weights_for(list(range(6))))] == [32, 16, 16, 8, 8, 8]
 
 
 @pytest.mark.parametrize("compression", [{}, {"compression.kind": "topk", "compression.topk_fraction": 0.2},
