@@ -49,6 +49,9 @@ def describe_task(task: Task, config: RunConfig | None = None) -> dict[str, Any]
             "train": int(data.train[0].shape[0]), "val": int(data.val[0].shape[0]), "test": int(data.test[0].shape[0]),
             "input_shape": list(data.train[0].shape[1:]),
         })
+    if getattr(task, "nested_architectures", False):  # task.widths: each client's width multiplier
+        for c, row in enumerate(clients):
+            row["width"] = float(task.width_of(c))
     out: dict[str, Any] = {"task": task.name, "num_clients": n, "clients": clients, "graph": _graph(task, config)}
     for key in ("problem", "num_classes", "dropped_clients", "target_names", "num_steps", "step_seconds",
                 "season_steps", "input_len", "output_len"):
@@ -93,11 +96,13 @@ def format_description(desc: dict[str, Any]) -> str:
     graph = desc["graph"]
     degree = graph.get("degree")
     width = max(6, *(len(c["name"]) for c in clients))
-    lines.append(f"{'client':<{width}}  {'train':>7} {'val':>6} {'test':>6}  {'input':>10}" + ("  degree" if degree else ""))
+    widths = all("width" in c for c in clients)
+    lines.append(f"{'client':<{width}}  {'train':>7} {'val':>6} {'test':>6}  {'input':>10}" + ("  width" if widths else "")
+                 + ("  degree" if degree else ""))
     for i, c in enumerate(clients):
         shape = "x".join(map(str, c["input_shape"]))
         lines.append(f"{c['name']:<{width}}  {c['train']:>7} {c['val']:>6} {c['test']:>6}  {shape:>10}"
-                     + (f"  {degree[i]:>6}" if degree else ""))
+                     + (f"  {'x' + format(c['width'], 'g'):>5}" if widths else "") + (f"  {degree[i]:>6}" if degree else ""))
     total = {k: sum(c[k] for c in clients) for k in ("train", "val", "test")}
     lines.append(f"{'total':<{width}}  {total['train']:>7} {total['val']:>6} {total['test']:>6}")
     if degree:

@@ -252,3 +252,13 @@ def test_the_hypernetwork_generates_only_the_tensors_it_sends():
     a, b = full.weights_for([0, 1]), pc.weights_for([0, 1])
     assert all(torch.equal(a[k], b[k]) for k in b)
     assert set(pc.initial_personal()) == {"head.weight", "head.bias", "conv1.weight", "conv1.bias"}
+
+
+def test_inspect_shows_each_clients_width():
+    from shn.inspect import format_description, inspect_config
+
+    desc = inspect_config(cfg())
+    assert [c["width"] for c in desc["clients"]] == [0.5, 1, 2, 0.5, 1, 2]
+    text = format_description(desc)
+    assert "  width" in text and "x0.5" in text and "x2" in text
+    assert "width" not in format_description(inspect_config(cfg(**{"task.widths": []})))
