@@ -30,7 +30,7 @@ from shn.registry import METHODS, TASKS
 from shn.run_graph import resolve_graph
 from shn.rundir import claim
 from shn.seeding import seeded_init
-from shn.target import ParamSpec, module_params, nests_in
+from shn.target import ParamSpec, block_index, fits, module_params, nests_in
 from tasks.base import Task
 from tasks.datasets import DataError
 
@@ -123,7 +123,7 @@ def widest_template(templates: dict[int, torch.nn.Module]) -> torch.nn.Module:
 
 
 def _personal_per_client(algorithm: Algorithm, templates: dict[int, torch.nn.Module], method: str,
-                         nested: bool = False) -> dict[int, Any]:
+                         nested: bool = False, widest: torch.nn.Module | None = None) -> dict[int, Any]:
     """Each client's initial personal tensors. The tensors the server shares must agree in
     shape, or — for a hypernetwork method on a task whose architectures nest (width
     multipliers) — be leading blocks of the server's, which each client receives and trains."""
@@ -133,8 +133,10 @@ def _personal_per_client(algorithm: Algorithm, templates: dict[int, torch.nn.Mod
         spec = ParamSpec.from_module(m)
         shapes = dict(zip(spec.names, spec.shapes))
         bad = [n for n, s in zip(shared.names, shared.shapes) if shapes.get(n) != s]
-        if bad and slices and nests_in(spec.subset(bad), shared.subset(bad)):
-            continue
+        if bad and slices and widest is not None:
+            index, full = block_index(m, widest), dict(zip(shared.names, shared.shapes))
+            if all(n in index and fits(index[n], full[n]) for n in bad):
+                continue
         if bad and nested:
             raise ConfigError(
                 f"method {method!r} shares {bad[:3]}, whose shapes differ between the clients' widths "
@@ -169,7 +171,8 @@ def build(config: RunConfig, *, task: Task | None = None, graph: Any = None,
     algorithm = entry.factory(ctx)
     enable_privacy(algorithm, config)  # [privacy]: the Gaussian mechanism in the server step
     nested = bool(getattr(task, "nested_architectures", False))
-    per_client = _personal_per_client(algorithm, templates, config.method, nested) if templates is not None else None
+    per_client = (_personal_per_client(algorithm, templates, config.method, nested, template)
+                  if templates is not None else None)
     trainer = LocalTrainer(template, task.loss, config.local, templates=templates)
     attack = ClientAttack.from_config(config.attack, config.seed, task.num_clients)
     store = _client_store(task, store_clients, device, attack, config.seed)

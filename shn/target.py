@@ -64,23 +64,74 @@ class ParamSpec:
         return {n: c.reshape(*batch, *s) for n, c, s in zip(self.names, chunks, self.shapes)}
 
 
-def leading_block(t: Tensor, shape: Sequence[int], batch_dims: int = 0) -> Tensor:
-    """The leading ``shape`` block of ``t [*B, *full]`` (a narrower architecture's tensor inside
-    the widest one's: the first channels / units along every dimension, HeteroFL's nesting)."""
+# A block of a wider tensor, per dimension: an int n (its first n entries) or a LongTensor of
+# positions (e.g. the first units of each of a GRU's three stacked gates).
+BlockIndex = tuple["int | Tensor", ...]
+
+
+def take_block(t: Tensor, index: BlockIndex, batch_dims: int = 0) -> Tensor:
+    """The block ``index`` of ``t [*B, *full]`` (a narrower architecture's tensor inside the
+    widest one's: by default its first channels / units along every dimension, HeteroFL's nesting)."""
     full = t.shape[batch_dims:]
-    if len(full) != len(shape) or any(s > f for s, f in zip(shape, full)):
-        raise ValueError(f"shape {tuple(shape)} does not fit inside {tuple(full)}")
-    return t[(slice(None),) * batch_dims + tuple(slice(0, int(s)) for s in shape)]
+    if len(full) != len(index):
+        raise ValueError(f"a block of {len(index)} dimensions does not fit inside {tuple(full)}")
+    for d, ix in enumerate(index):
+        if isinstance(ix, int):
+            if ix > full[d]:
+                raise ValueError(f"block {_shape(index)} does not fit inside {tuple(full)}")
+            if ix != full[d]:
+                t = t.narrow(batch_dims + d, 0, ix)
+        else:
+            if ix.numel() and int(ix.max()) >= full[d]:
+                raise ValueError(f"block {_shape(index)} does not fit inside {tuple(full)}")
+            t = t.index_select(batch_dims + d, ix.to(t.device))
+    return t
 
 
-def pad_block(t: Tensor, full: Sequence[int], batch_dims: int = 0) -> Tensor:
-    """``t [*B, *shape]`` as the leading block of zeros ``[*B, *full]``: the adjoint of
-    :func:`leading_block`, so a narrow client's delta is the widest tensors' exact gradient input."""
-    if tuple(t.shape[batch_dims:]) == tuple(full):
-        return t
-    out = t.new_zeros(*t.shape[:batch_dims], *full)
-    out[(slice(None),) * batch_dims + tuple(slice(0, int(s)) for s in t.shape[batch_dims:])] = t
-    return out
+def put_block(t: Tensor, index: BlockIndex, full: Sequence[int], batch_dims: int = 0) -> Tensor:
+    """``t [*B, *block]`` placed at ``index`` in zeros ``[*B, *full]``: the adjoint of
+    :func:`take_block`, so a narrow client's delta is the widest tensors' exact gradient input."""
+    for d in reversed(range(len(index))):
+        ix, dim = index[d], batch_dims + d
+        if t.shape[dim] == full[d] and isinstance(ix, int):
+            continue
+        shape = list(t.shape)
+        shape[dim] = int(full[d])
+        out = t.new_zeros(shape)
+        if isinstance(ix, int):
+            out.narrow(dim, 0, ix).copy_(t)
+        else:
+            out.index_copy_(dim, ix.to(t.device), t)
+        t = out
+    return t
+
+
+def leading_index(shape: Sequence[int]) -> BlockIndex:
+    """The block of the first ``shape`` entries."""
+    return tuple(int(s) for s in shape)
+
+
+def block_shape(index: BlockIndex) -> tuple[int, ...]:
+    return _shape(index)
+
+
+def _shape(index: BlockIndex) -> tuple[int, ...]:
+    return tuple(ix if isinstance(ix, int) else int(ix.numel()) for ix in index)
+
+
+def block_index(narrow: nn.Module, wide: nn.Module) -> dict[str, BlockIndex]:
+    """Where each tensor of ``narrow`` sits in ``wide``'s: the model's own ``block_index(wide)``
+    when it has one (a GRU's gates are stacked in one tensor), else leading blocks."""
+    own = getattr(narrow, "block_index", None)
+    if callable(own):
+        return dict(own(wide))
+    return {n: leading_index(p.shape) for n, p in narrow.named_parameters()}
+
+
+def fits(index: BlockIndex, full: Sequence[int]) -> bool:
+    """Whether ``index`` names a block of a tensor of shape ``full``."""
+    return len(index) == len(full) and all(
+        (ix <= f) if isinstance(ix, int) else (ix.numel() == 0 or int(ix.max()) < f) for ix, f in zip(index, full))
 
 
 def nests_in(inner: ParamSpec, outer: ParamSpec) -> bool:

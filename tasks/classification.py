@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from shn.registry import TASKS
 from tasks.base import ClientData, classification_finalize, classification_loss, classification_metrics
 from tasks.datasets import DATASETS, ImageData, load_dataset
+from tasks.options import as_widths, width_for
 from tasks.models import MODEL_NAMES, make_classifier
 from tasks.partition import (
     Partition,
@@ -135,15 +136,8 @@ class ClassificationOptions:
         integer("num_groups", 1)
         integer("max_train_per_class", 1, allow_none=True)
         integer("max_test_per_class", 1, allow_none=True)
-        for key in ("widths", "client_widths"):
-            widths = getattr(self, key)
-            if widths is None and key == "client_widths":
-                continue
-            if not isinstance(widths, (list, tuple)) or not all(
-                    isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and 0 < w <= 64
-                    for w in widths):
-                raise ValueError(f"task option {key}={widths!r} must be a list of numbers in (0, 64], e.g. [0.5, 1, 2]")
-            object.__setattr__(self, key, tuple(float(w) for w in widths))
+        object.__setattr__(self, "widths", as_widths(self.widths, "widths"))
+        object.__setattr__(self, "client_widths", as_widths(self.client_widths, "client_widths"))
         if self.client_widths is not None and len(self.client_widths) != self.num_clients:
             raise ValueError(f"task option client_widths has {len(self.client_widths)} entries, expected one per "
                              f"client (num_clients = {self.num_clients})")
@@ -274,11 +268,7 @@ class ClassificationTask:
 
     def width_of(self, client: int | None) -> float:
         """Client ``client``'s width multiplier (``None``: the widest, the server's)."""
-        if self.options.client_widths is not None:
-            widths = self.options.client_widths
-            return max(widths) if client is None else widths[int(client)]
-        widths = self.options.widths or (1.0,)
-        return max(widths) if client is None else widths[int(client) % len(widths)]
+        return width_for(client, self.options.widths, self.options.client_widths)
 
     def make_model(self, client: int | None = None) -> nn.Module:
         """The target classifier of ``client`` (its width from ``widths``; ``None``: the widest)."""

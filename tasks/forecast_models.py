@@ -68,6 +68,18 @@ class GRUForecaster(nn.Module):
             h = (1 - z) * n + z * h
         return self.head(h).reshape(batch, self.output_len, self.out_features)
 
+    def block_index(self, wide: "GRUForecaster") -> dict[str, tuple]:
+        """Where this (narrower) forecaster's tensors sit in ``wide``'s: the first hidden units,
+        and in ``cell_x`` / ``cell_h`` the first units of each of the three stacked gates (the
+        wide GRU with every other weight zero computes this one: its extra units stay at 0)."""
+        h, H = self.hidden, wide.hidden
+        gates = torch.cat([g * H + torch.arange(h) for g in range(3)])
+        out_rows = self.head.out_features
+        return {"input_proj.weight": (h, self.input_proj.in_features), "input_proj.bias": (h,),
+                "cell_x.weight": (gates, h), "cell_x.bias": (gates,),
+                "cell_h.weight": (gates, h), "cell_h.bias": (gates,),
+                "head.weight": (out_rows, h), "head.bias": (out_rows,)}
+
 
 class MLPForecaster(nn.Module):
     """Per-step ``input_proj`` (Linear F→hidden, ReLU) → flatten the window → ``body`` (Linear
@@ -83,6 +95,7 @@ class MLPForecaster(nn.Module):
             if int(value) < 1:
                 raise ValueError(f"MLPForecaster: {key} must be >= 1, got {value}")
         self.out_features, self.output_len = int(out_features), int(output_len)
+        self.input_len, self.hidden = int(input_len), int(hidden)
         self.input_proj = nn.Linear(in_features, hidden)
         self.body = nn.Linear(input_len * hidden, hidden)
         self.head = nn.Linear(hidden, output_len * out_features)
@@ -92,6 +105,17 @@ class MLPForecaster(nn.Module):
         h = F.relu(self.input_proj(x)).flatten(1)
         h = F.relu(self.body(h))
         return self.head(h).reshape(batch, self.output_len, self.out_features)
+
+    def block_index(self, wide: "MLPForecaster") -> dict[str, tuple]:
+        """Where this (narrower) forecaster's tensors sit in ``wide``'s: the first hidden units;
+        ``body`` reads the window flattened time-major, so its columns are the first units of
+        every step."""
+        h, H = self.hidden, wide.hidden
+        steps = torch.cat([t * H + torch.arange(h) for t in range(self.input_len)])
+        out_rows = self.head.out_features
+        return {"input_proj.weight": (h, self.input_proj.in_features), "input_proj.bias": (h,),
+                "body.weight": (h, steps), "body.bias": (h,),
+                "head.weight": (out_rows, h), "head.bias": (out_rows,)}
 
 
 def seeded_init_(model: nn.Module, seed: int) -> nn.Module:

@@ -56,7 +56,7 @@ from tasks.base import ClientData
 from tasks.client_graph import haversine_km, knn_adjacency, symmetrize_adjacency
 from tasks.forecast_models import FORECAST_MODELS, make_forecaster
 from tasks.naive import NAIVE_BASELINES, naive_predictions
-from tasks.options import check_choice, check_fractions, check_int, check_path, shown_path  # noqa: F401  (re-exported)
+from tasks.options import check_choice, check_fractions, check_int, check_path, shown_path, width_for  # noqa: F401  (re-exported)
 from tasks.tables import TableError, read_numeric_columns, read_text, refuse_unstandardisable, split_header  # noqa: F401
 
 __all__ = [
@@ -391,7 +391,8 @@ class ForecastTask:
                  input_len: int, output_len: int, model: str, hidden: int, seed: int,
                  adjacency: Tensor | None, coordinates: np.ndarray | None, client_names: Sequence[str],
                  window_starts: Mapping[str, np.ndarray], bounds, num_steps: int, mape: bool = True,
-                 season_steps: int | None = None):
+                 season_steps: int | None = None, widths: Sequence[float] = (),
+                 client_widths: Sequence[float] | None = None):
         if model not in FORECAST_MODELS:
             raise ValueError(f"task option model={model!r} is not allowed; choose one of {', '.join(FORECAST_MODELS)}")
         self.name = name
@@ -410,6 +411,10 @@ class ForecastTask:
         self.num_steps = int(num_steps)
         self.mape = bool(mape)
         self.season_steps = season_steps
+        self.widths, self.client_widths = tuple(widths), None if client_widths is None else tuple(client_widths)
+        if self.client_widths is not None and len(self.client_widths) != self.num_clients:
+            raise ValueError(f"task option client_widths has {len(self.client_widths)} entries, expected one per "
+                             f"client ({self.num_clients} clients)")
 
     # -- Task protocol ------------------------------------------------------------------------
 
@@ -422,10 +427,20 @@ class ForecastTask:
         """Number of input features of every client (they differ when stations lack variables)."""
         return [int(c.train[0].shape[-1]) for c in self._clients]
 
+    @property
+    def nested_architectures(self) -> bool:
+        """Whether clients run width-scaled forecasters whose tensors nest (``widths``)."""
+        return len({self.width_of(c) for c in range(self.num_clients)}) > 1
+
+    def width_of(self, client: int | None) -> float:
+        """Client ``client``'s width multiplier (``None``: the widest, the server's)."""
+        return width_for(client, self.widths, self.client_widths)
+
     def make_model(self, client: int | None = None) -> nn.Module:
-        """The forecaster for ``client``'s input size; ``None`` = the shared architecture, which
-        exists only when every client has the same input size. Initial weights depend only on the
-        task seed and the layer (see :func:`tasks.forecast_models.seeded_init_`)."""
+        """The forecaster for ``client``'s input size and width; ``None`` = the shared (widest)
+        architecture, which exists only when every client has the same input size. Initial
+        weights depend only on the task seed and the layer (see
+        :func:`tasks.forecast_models.seeded_init_`)."""
         sizes = self.input_sizes()
         if client is None:
             if len(set(sizes)) > 1:
@@ -440,8 +455,9 @@ class ForecastTask:
             if not 0 <= client < self.num_clients:
                 raise IndexError(f"client {client} out of range [0, {self.num_clients})")
             in_features = sizes[client]
+        hidden = max(1, int(round(self.hidden * self.width_of(client))))
         return make_forecaster(self.model_name, in_features, self.input_len, len(self.target_names),
-                               self.output_len, self.hidden, seed=self.seed)
+                               self.output_len, hidden, seed=self.seed)
 
     def loss(self, output: Tensor, *targets: Tensor) -> Tensor:
         return forecast_loss(output, *targets)
@@ -498,7 +514,8 @@ def build_task(name: str, series: Sequence[ClientSeries], *, num_steps: int, fra
                output_len: int, stride: int, max_windows: int | None, model: str, hidden: int, seed: int,
                adjacency: Tensor | None, coordinates: np.ndarray | None, client_names: Sequence[str],
                season: int | None = None, seasonal_lags: Sequence[int] = (), mape: bool = True,
-               sources: Sequence[str] | None = None) -> ForecastTask:
+               sources: Sequence[str] | None = None, widths: Sequence[float] = (),
+               client_widths: Sequence[float] | None = None) -> ForecastTask:
     """Split the common time axis, add the seasonal lag inputs (:func:`add_seasonal_lags`), prepare
     every client (naive baselines with ``season`` steps), and wrap them in a :class:`ForecastTask`.
     ``sources``: each client's data file, named in its data errors."""
@@ -518,7 +535,8 @@ def build_task(name: str, series: Sequence[ClientSeries], *, num_steps: int, fra
     return ForecastTask(name, prepared, target_names=series[0].target_names, input_len=input_len,
                         output_len=output_len, model=model, hidden=hidden, seed=seed, adjacency=adjacency,
                         coordinates=coordinates, client_names=client_names, window_starts=starts,
-                        bounds=bounds, num_steps=num_steps, mape=mape, season_steps=season)
+                        bounds=bounds, num_steps=num_steps, mape=mape, season_steps=season, widths=widths,
+                        client_widths=client_widths)
 
 
 def require_data_dir(options, task: str) -> Path:

@@ -4,6 +4,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Sequence
 
@@ -86,3 +87,23 @@ def as_paths(value, key: str) -> tuple[str, ...]:
     if not isinstance(value, (list, tuple)) or not all(isinstance(v, (str, Path)) and str(v) for v in value):
         raise ValueError(f"task option {key}={value!r} must be a file path or a list of file paths")
     return tuple(str(v) for v in value)
+
+
+def as_widths(value, key: str) -> tuple[float, ...] | None:
+    """Width multipliers (``widths``, ``client_widths``): a list of numbers in (0, 64]; None stays."""
+    if value is None:
+        return None
+    if not isinstance(value, (list, tuple)) or not all(
+            isinstance(w, (int, float)) and not isinstance(w, bool) and math.isfinite(w) and 0 < w <= 64 for w in value):
+        raise ValueError(f"task option {key}={value!r} must be a list of numbers in (0, 64], e.g. [0.5, 1, 2]")
+    return tuple(float(w) for w in value)
+
+
+def width_for(client: int | None, widths: Sequence[float], client_widths: Sequence[float] | None) -> float:
+    """Client ``client``'s width multiplier: its entry of ``client_widths``, else ``widths`` in
+    turn (client c gets ``widths[c % len(widths)]``); ``None``: the widest (the server's)."""
+    chosen = client_widths if client_widths is not None else (widths or (1.0,))
+    if client is None:
+        return max(chosen)
+    return chosen[int(client)] if client_widths is not None else chosen[int(client) % len(chosen)]
+

@@ -53,7 +53,7 @@ from shn.registry import TASKS
 from tasks.client_graph import GRAPH_METRICS, coordinates_from_rows, read_locations_table, relation_graph
 from tasks.forecast_models import FORECAST_MODELS
 from tasks.forecasting import ClientSeries, ForecastTask, build_task, split_bounds
-from tasks.options import as_names, as_paths, check_bool, check_choice, check_fractions, check_int, check_path
+from tasks.options import as_names, as_paths, as_widths, check_bool, check_choice, check_fractions, check_int, check_path
 from tasks.tables import Table, TableError, read_table, resolve_files
 from tasks.timeaxis import (
     CALENDAR_FEATURES,
@@ -112,6 +112,9 @@ class TimeseriesOptions:
         num_clients: keep the first n clients; None: all.
         model: the forecaster: "gru" or "mlp".
         hidden: the forecaster's width.
+        widths, client_widths: width multipliers of the forecaster's hidden size per client
+            (heterogeneous clients, as the classification tasks' ``widths``; README: Heterogeneous
+            clients).
         graph_file: a client graph (edge list or dense matrix keyed by client value).
         coordinate_columns: columns with client coordinates (of a long table, or of
             locations_file) for a kNN client graph.
@@ -146,6 +149,8 @@ class TimeseriesOptions:
     num_clients: int | None = None
     model: str = "gru"
     hidden: int = 32
+    widths: tuple[float, ...] = ()
+    client_widths: tuple[float, ...] | None = None
     graph_file: str | None = None
     coordinate_columns: tuple[str, ...] = ()
     locations_file: str | None = None
@@ -153,6 +158,8 @@ class TimeseriesOptions:
     graph_k: int = 3
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", as_widths(self.widths, "widths"))
+        object.__setattr__(self, "client_widths", as_widths(self.client_widths, "client_widths"))
         object.__setattr__(self, "files", as_paths(self.files, "files"))
         for key in ("variables", "target_vars", "coordinate_columns", "calendar", "seasonal_lags"):
             object.__setattr__(self, key, as_names(getattr(self, key), key))
@@ -435,7 +442,7 @@ def make_timeseries_task(options: TimeseriesOptions, data: SeriesTable, *, seed:
     task = build_task(
         "timeseries", series, num_steps=data.num_steps, fractions=fractions, input_len=options.input_len,
         output_len=options.output_len, stride=options.stride, max_windows=options.max_windows, model=options.model,
-        hidden=options.hidden, seed=seed, adjacency=adjacency, coordinates=coords, client_names=data.names,
+        hidden=options.hidden, seed=seed, widths=options.widths, client_widths=options.client_widths, adjacency=adjacency, coordinates=coords, client_names=data.names,
         season=season, seasonal_lags=lags, mape=False, sources=[str(data.table.source)] * len(data.names),
     )
     task.start_time, task.step_seconds = data.start, data.step

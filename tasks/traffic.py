@@ -40,7 +40,7 @@ from shn.registry import TASKS
 from tasks.forecast_models import FORECAST_MODELS
 from tasks.client_graph import align_adjacency, is_float, norm_id, read_adjacency, symmetrize_adjacency
 from tasks.forecasting import ClientSeries, ForecastDataError, ForecastTask, build_task, require_data_dir
-from tasks.options import check_bool, check_choice, check_fractions, check_int, check_path
+from tasks.options import as_widths, check_bool, check_choice, check_fractions, check_int, check_path
 from tasks.tables import read_numeric_columns, read_text, split_header
 from tasks.timeaxis import DAY, infer_step, lag_steps, parse_duration, season_steps
 
@@ -73,6 +73,9 @@ class TrafficOptions:
         steps_per_day: steps per day when the file has no timestamps (288 = 5 min).
         model: ``"gru"`` or ``"mlp"``.
         hidden: the forecaster's width.
+        widths, client_widths: width multipliers of the forecaster's hidden size per client
+            (heterogeneous clients, as the classification tasks' ``widths``; README: Heterogeneous
+            clients).
         stride: step between window starts.
         max_windows: keep at most this many windows per split and client (evenly spaced).
         zeros_are_missing: a value of 0 is a dropout (speed data); false for counts.
@@ -98,6 +101,8 @@ class TrafficOptions:
     steps_per_day: int = 288
     model: str = "gru"
     hidden: int = 32
+    widths: tuple[float, ...] = ()
+    client_widths: tuple[float, ...] | None = None
     stride: int = 1
     max_windows: int | None = None
     zeros_are_missing: bool = True
@@ -105,6 +110,8 @@ class TrafficOptions:
     seasonal_period: str = "auto"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", as_widths(self.widths, "widths"))
+        object.__setattr__(self, "client_widths", as_widths(self.client_widths, "client_widths"))
         check_bool(self, "zeros_are_missing")
         object.__setattr__(self, "seasonal_lags", tuple(self.seasonal_lags))
         for lag in self.seasonal_lags:
@@ -394,7 +401,7 @@ def make_traffic_task(options: TrafficOptions, *, seed: int, table: SpeedTable, 
         "traffic", series, num_steps=num_steps,
         fractions=(options.train_fraction, options.val_fraction, options.test_fraction),
         input_len=options.input_len, output_len=options.output_len, stride=options.stride,
-        max_windows=options.max_windows, model=options.model, hidden=options.hidden, seed=seed,
+        max_windows=options.max_windows, model=options.model, hidden=options.hidden, seed=seed, widths=options.widths, client_widths=options.client_widths,
         adjacency=adj, coordinates=coords, client_names=table.sensor_ids[:n],
         season=season, seasonal_lags=lags, mape=options.zeros_are_missing, sources=[str(table.path)] * n,
     )

@@ -61,6 +61,7 @@ from tasks.forecasting import (
     split_bounds,
     split_header,
 )
+from tasks.options import as_widths
 from tasks.timeaxis import lag_steps, parse_duration, season_steps
 
 __all__ = ["WeatherOptions", "StationData", "make_weather", "read_stations", "read_station_file",
@@ -105,6 +106,9 @@ class WeatherOptions:
         max_windows: keep at most this many windows per split and client (evenly spaced).
         model: ``"gru"`` or ``"mlp"``.
         hidden: the forecaster's width.
+        widths, client_widths: width multipliers of the forecaster's hidden size per client
+            (heterogeneous clients, as the classification tasks' ``widths``; README: Heterogeneous
+            clients).
         graph_k: neighbours per station in the haversine kNN relation graph.
         seasonal_lags: durations (``"1D"``, ``"7D"``) whose lagged targets are extra inputs.
         seasonal_period: season of the seasonal naive baseline (``"auto"`` = one day, ``"none"``,
@@ -127,11 +131,15 @@ class WeatherOptions:
     max_windows: int | None = None
     model: str = "gru"
     hidden: int = 32
+    widths: tuple[float, ...] = ()
+    client_widths: tuple[float, ...] | None = None
     graph_k: int = 3
     seasonal_lags: tuple[str, ...] = ()
     seasonal_period: str = "auto"
 
     def __post_init__(self) -> None:
+        object.__setattr__(self, "widths", as_widths(self.widths, "widths"))
+        object.__setattr__(self, "client_widths", as_widths(self.client_widths, "client_widths"))
         object.__setattr__(self, "seasonal_lags", tuple(self.seasonal_lags))
         for lag in self.seasonal_lags:
             parse_duration(lag, "seasonal_lags")
@@ -424,7 +432,7 @@ def make_weather_task(options: WeatherOptions, *, seed: int, stations: list[Stat
     return build_task(
         "weather", series, num_steps=num_steps, fractions=fractions,
         input_len=options.input_len, output_len=options.output_len, stride=options.stride,
-        max_windows=options.max_windows, model=options.model, hidden=options.hidden, seed=seed,
+        max_windows=options.max_windows, model=options.model, hidden=options.hidden, seed=seed, widths=options.widths, client_widths=options.client_widths,
         adjacency=adjacency, coordinates=coords, client_names=[st.name for st in stations],
         season=season_steps(options.seasonal_period, 3600), seasonal_lags=lag_steps(options.seasonal_lags, 3600),
         mape=False, sources=[str(st.path) for st in stations],

@@ -18,8 +18,9 @@ from shn.config import ConfigError, config_from_dict
 from shn.federated.local import ClientStore, LocalConfig, LocalTrainer
 from shn.runner import run
 from shn.seeding import torch_generator
-from shn.target import ParamSpec, leading_block, module_params, nests_in, pad_block
+from shn.target import ParamSpec, block_index, leading_index, module_params, nests_in, put_block, take_block
 from tasks.models import MLP, PFedHNCNN, SmallCNN
+from tests.conftest import with_changes
 from tests.test_baselines import MixedInputTask
 
 WIDTHS = [0.5, 1, 2]
@@ -51,17 +52,26 @@ def test_a_narrow_model_is_the_wide_model_with_its_outer_units_zeroed(make):
     assert nests_in(ParamSpec.from_module(narrow), ParamSpec.from_module(wide))
     params = module_params(wide)
     shapes = {n: p.shape for n, p in narrow.named_parameters()}
-    blocks = {n: leading_block(params[n], shapes[n]) for n in params}
-    masked = {n: pad_block(blocks[n], params[n].shape) for n in params}
+    index = block_index(narrow, wide)
+    blocks = {n: take_block(params[n], index[n]) for n in params}
+    masked = {n: put_block(blocks[n], index[n], params[n].shape) for n in params}
+    assert all(blocks[n].shape == shapes[n] for n in params)
     x = torch.randn(4, *((3, 32, 32) if isinstance(wide, PFedHNCNN) else (1, 8, 8) if isinstance(wide, SmallCNN) else (20,)))
     assert torch.allclose(functional_call(narrow, blocks, (x,)), functional_call(wide, masked, (x,)), atol=1e-5)
 
 
-def test_pad_block_is_the_adjoint_of_leading_block():
-    x, y = torch.randn(3, 6, 5), torch.randn(3, 4, 2)
-    assert torch.allclose((leading_block(x, (4, 2), 1) * y).sum(), (x * pad_block(y, (6, 5), 1)).sum())
+@pytest.mark.parametrize("index", [(4, 2), (torch.tensor([0, 1, 3, 4]), 2), (torch.tensor([5, 0, 2, 3]), torch.tensor([4, 1]))])
+def test_put_block_is_the_adjoint_of_take_block(index):
+    x, y = torch.randn(3, 6, 5, dtype=torch.float64), torch.randn(3, 4, 2, dtype=torch.float64)
+    assert torch.allclose((take_block(x, index, 1) * y).sum(), (x * put_block(y, index, (6, 5), 1)).sum())
+
+
+def test_a_block_that_does_not_fit_is_refused():
+    x = torch.randn(3, 6, 5)
     with pytest.raises(ValueError, match="does not fit"):
-        leading_block(x, (7, 2), 1)
+        take_block(x, leading_index((7, 2)), 1)
+    with pytest.raises(ValueError, match="does not fit"):
+        take_block(x, (torch.tensor([6]), 2), 1)
 
 
 def test_the_server_generates_the_widest_architecture_and_clients_train_their_block():
@@ -91,7 +101,7 @@ def test_one_batch_per_architecture_equals_each_client_alone():
         for k in weights:
             own = starts[i][k] - each[i][k]
             got = fit.deltas[k][i]
-            assert torch.allclose(leading_block(got, own.shape), own, atol=1e-6), (c, k)
+            assert torch.allclose(take_block(got, leading_index(own.shape)), own, atol=1e-6), (c, k)
             outside = got.clone()
             outside[tuple(slice(0, s) for s in own.shape)] = 0
             assert not outside.any()
@@ -262,3 +272,47 @@ def test_inspect_shows_each_clients_width():
     text = format_description(desc)
     assert "  width" in text and "x0.5" in text and "x2" in text
     assert "width" not in format_description(inspect_config(cfg(**{"task.widths": []})))
+
+
+# -- forecasters: the GRU's gates are stacked, the MLP's body reads a time-major flatten
+
+@pytest.mark.parametrize("kind", ["gru", "mlp"])
+def test_a_narrow_forecaster_is_the_wide_one_with_its_outer_units_zeroed(kind):
+    from tasks.forecast_models import make_forecaster
+
+    wide = make_forecaster(kind, 5, 6, 2, 3, hidden=12, seed=0)
+    narrow = make_forecaster(kind, 5, 6, 2, 3, hidden=4, seed=1)
+    index = block_index(narrow, wide)
+    params = module_params(wide)
+    own = module_params(narrow)
+    assert all(take_block(params[n], index[n]).shape == own[n].shape for n in own)
+    masked = {n: put_block(own[n], index[n], params[n].shape) for n in own}  # narrow's weights, zeros elsewhere
+    x = torch.randn(7, 6, 5)
+    assert torch.allclose(functional_call(narrow, own, (x,)), functional_call(wide, masked, (x,)), atol=1e-5)
+    if kind == "gru":  # not the leading block: the first units of each gate
+        assert index["cell_x.weight"][0].tolist() == [0, 1, 2, 3, 12, 13, 14, 15, 24, 25, 26, 27]
+
+
+@pytest.mark.parametrize("method,extra", [("pfedhn", {}), ("shn", {"graph.kind": "given", "encoder.layers": 1})])
+def test_forecasting_clients_of_different_widths_share_one_hypernetwork(tmp_path, method, extra):
+    from tests.test_timeseries import write_wide
+
+    write_wide(tmp_path / "flow.csv", days=3)
+    (tmp_path / "adj.csv").write_text("source,target\nS1,S2\nS2,S3\nS3,S4\n")
+    config = config_from_dict(with_changes({
+        "method": method, "seed": 0, "rounds": 3, "clients_per_round": 4, "eval_every": 3,
+        "task": {"name": "timeseries", "files": str(tmp_path / "flow.csv"), "variable": "flow",
+                 "graph_file": str(tmp_path / "adj.csv"), "input_len": 6, "output_len": 6, "hidden": 8,
+                 "max_windows": 20, "widths": [0.5, 1, 2]},
+        "local": {"steps": 2, "batch_size": 16}, "hypernetwork": {"hidden": 16, "n_hidden": 1}}, **extra))
+    result = run(config, progress=False)
+    shapes = dict(zip(result.algorithm.server_spec.names, result.algorithm.server_spec.shapes))
+    assert shapes["cell_x.weight"] == (48, 16)  # the widest GRU: hidden 8 x 2
+    assert torch.isfinite(torch.tensor(result.summary["metrics"]["test_mse"]))
+    runtime = result.extra["runtime"]
+    sent = runtime.client_weights([0, 1, 2], result.algorithm.weights_for([0, 1, 2]))
+    assert [p["cell_h.weight"].shape for p in sent] == [(12, 4), (24, 8), (48, 16)]
+    with pytest.raises(ConfigError, match="client_widths has 2 entries"):
+        build(config_from_dict(with_changes({"method": "pfedhn", "task": dict(config.task.options.__dict__,
+                                                                             name="timeseries", client_widths=[1, 2],
+                                                                             widths=[])})))

@@ -2,7 +2,7 @@
 server's tensors its architecture uses (``task.widths``; README: Heterogeneous clients).
 
 The server's tensors follow the widest architecture; a narrower client's are their leading
-blocks (:func:`shn.target.leading_block`). :class:`ClientBlocks` is the server's side of that
+blocks (:func:`shn.target.take_block`; a model may place them elsewhere, e.g. per GRU gate). :class:`ClientBlocks` is the server's side of that
 exchange on both engines: the block a client is sent, the bytes that costs, and a client's upload
 decoded with the codec of its block's shapes (``[compression]``: top-k counts and quantisation
 noise follow the block) and checked to have exactly those shapes before it is zero-padded to the
@@ -22,7 +22,7 @@ from shn.config_compression import CompressionConfig
 from shn.federated.compression import UploadCodec
 from shn.federated.traffic import npy_bytes, payload_bytes
 from shn.federated.validation import UnreadableUpdate
-from shn.target import Params, ParamSpec, leading_block, pad_block
+from shn.target import BlockIndex, Params, ParamSpec, block_shape, put_block, take_block
 
 __all__ = ["ClientBlocks"]
 
@@ -30,22 +30,25 @@ __all__ = ["ClientBlocks"]
 class ClientBlocks:
     """Args:
         spec: the tensors the server sends (``algorithm.server_spec``), in the widest shapes.
-        shapes_of: a client's own tensor shapes (``ClientRuntime.shapes_of``).
+        index_of: where a client's tensors sit in the server's (``ClientRuntime.index_of``; empty:
+            the server's shapes).
         compression: the ``[compression]`` table.
     """
 
-    def __init__(self, spec: ParamSpec, shapes_of: Callable[[int], Mapping[str, tuple[int, ...]]],
+    def __init__(self, spec: ParamSpec, index_of: Callable[[int], Mapping[str, BlockIndex]],
                  compression: CompressionConfig) -> None:
         self.spec = spec
-        self.shapes_of = shapes_of
+        self.index_of = index_of
         self.compression = compression
         self._full = dict(zip(spec.names, spec.shapes))
         self._codecs: dict[ParamSpec, UploadCodec] = {spec: UploadCodec(compression, spec)}
 
     def spec_of(self, client: int) -> ParamSpec:
         """The block of the server's tensors that ``client`` uses."""
-        shapes = self.shapes_of(int(client))
-        return ParamSpec(self.spec.names, tuple(tuple(shapes[n]) for n in self.spec.names))
+        index = self.index_of(int(client))
+        if not index:
+            return self.spec
+        return ParamSpec(self.spec.names, tuple(block_shape(index[n]) for n in self.spec.names))
 
     def codec(self, client: int) -> UploadCodec:
         spec = self.spec_of(client)
@@ -55,8 +58,8 @@ class ClientBlocks:
 
     def send(self, client: int, row: Mapping[str, Tensor]) -> Params:
         """What ``client`` receives of its row ``{name: [*widest shape]}``: its block."""
-        spec = self.spec_of(client)
-        return {n: leading_block(row[n], s) for n, s in zip(spec.names, spec.shapes)}
+        index = self.index_of(int(client))
+        return {n: take_block(row[n], index[n]) for n in self.spec.names} if index else dict(row)
 
     def down_bytes(self, client: int, weights: Mapping[str, Tensor]) -> int:
         """Bytes of ``client``'s block of a cohort's ``weights {name: [C, *shape]}`` (as Flower
@@ -81,6 +84,7 @@ class ClientBlocks:
                     got[n] != s for n, s in zip(codec.spec.names, codec.spec.shapes)):
                 raise ValueError(f"expected the shapes of client {int(client)}'s architecture "
                                  f"{dict(zip(codec.spec.names, codec.spec.shapes))}")
-            return {n: pad_block(delta[n], self._full[n]) for n in self.spec.names}
+            index = self.index_of(int(client))
+            return {n: put_block(delta[n], index[n], self._full[n]) for n in self.spec.names}
         except Exception as e:  # noqa: BLE001 - whatever a client sent must not take the server down
             return UnreadableUpdate(f"delta not in its architecture's shapes ({str(e)[:300]})")

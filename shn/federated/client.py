@@ -16,7 +16,7 @@ from shn.federated.client_method import ClientFit, ClientMethod, ClientRound
 from shn.federated.compression import ClientUpload
 from shn.federated.local import ClientStore, LocalObjective, LocalTrainer, cohort_trainer
 from shn.seeding import torch_generator
-from shn.target import Params, ParamSpec, leading_block, pad_block
+from shn.target import BlockIndex, Params, ParamSpec, block_index, block_shape, put_block, take_block
 from tasks.base import Task
 
 
@@ -100,7 +100,7 @@ class ClientRuntime:
         self.attack = attack  # simulated malicious clients ([attack]); None: every client is honest
         self.method = method or ClientMethod()  # the method's client side (plain local training)
         self.upload = upload  # [compression] of what clients send back; None: deltas as they are
-        self._shape_cache: dict[int, dict[str, tuple[int, ...]]] = {}
+        self._index_cache: dict[int, dict[str, BlockIndex]] = {}
 
     def full_weights(self, clients: Sequence[int], server_weights: Mapping[str, Tensor]) -> Params:
         """Server tensors ``[C, *shape]`` plus each client's personal tensors, stacked."""
@@ -116,8 +116,8 @@ class ClientRuntime:
         """One un-batched dict per client: its row of the server tensors plus its personal ones."""
         out = []
         for i, c in enumerate(clients):
-            shapes = self.shapes_of(int(c))
-            p = {k: leading_block(v[i], shapes[k]) for k, v in server_weights.items()}
+            index = self.index_of(int(c))
+            p = {k: take_block(v[i], index[k]) if index else v[i] for k, v in server_weights.items()}
             if self.personal.initial:
                 p.update({k: v.to(self.store.device) for k, v in self.personal.get(int(c)).items()})
             out.append(p)
@@ -149,7 +149,7 @@ class ClientRuntime:
         """The slots of ``clients`` by architecture (first appearance order)."""
         groups: dict[tuple, list[int]] = {}
         for i, c in enumerate(clients):
-            groups.setdefault(tuple(sorted(self.shapes_of(int(c)).items())), []).append(i)
+            groups.setdefault(self._architecture(int(c)), []).append(i)
         return list(groups.values())
 
     def _block_payloads(self, clients: Sequence[int], deltas: Mapping[str, Tensor], seed: int,
@@ -160,8 +160,8 @@ class ClientRuntime:
         out: list[Params] = [{} for _ in clients]
         for slots in self._groups(clients):
             members = [clients[i] for i in slots]
-            shapes = self.shapes_of(members[0])
-            block = {k: leading_block(v[torch.tensor(slots, device=v.device)], shapes[k], 1) for k, v in deltas.items()}
+            index = self.index_of(members[0])
+            block = {k: take_block(v[torch.tensor(slots, device=v.device)], index[k], 1) for k, v in deltas.items()}
             if self.upload is None:
                 encoded = [{k: v[j] for k, v in block.items()} for j in range(len(slots))]
             else:
@@ -171,12 +171,19 @@ class ClientRuntime:
                 out[i] = encoded[j]
         return out
 
-    def shapes_of(self, client: int) -> dict[str, tuple[int, ...]]:
-        """The client's own tensor shapes (its architecture's; the server may send wider ones)."""
-        if client not in self._shape_cache:
-            spec = ParamSpec.from_module(self.trainer.template_for(client))
-            self._shape_cache[client] = dict(zip(spec.names, spec.shapes))
-        return self._shape_cache[client]
+    def index_of(self, client: int) -> dict[str, BlockIndex]:
+        """Where the client's tensors sit in the server's (the widest architecture's:
+        :func:`~shn.target.block_index`); empty when every client has one architecture."""
+        if not self.trainer.templates:
+            return {}
+        if client not in self._index_cache:
+            self._index_cache[client] = block_index(self.trainer.template_for(client), self.trainer.template)
+        return self._index_cache[client]
+
+    def _architecture(self, client: int) -> tuple:
+        """A hashable key equal for clients whose blocks are the same."""
+        return tuple((k, tuple(ix if isinstance(ix, int) else tuple(ix.tolist()) for ix in index))
+                     for k, index in sorted(self.index_of(client).items()))
 
     def _fit(self, clients: Sequence[int], server_weights: Mapping[str, Tensor], generator: torch.Generator) -> FitResult:
         if self.trainer.templates:  # architectures differ between clients: one batch per architecture
@@ -224,7 +231,9 @@ class ClientRuntime:
                                  lambda s, o, t=trainer, g=gen, c=c: t.train(s, self.store, [c], g, o))
             fit = self.method.fit(round_)
             self._keep([c], fit)
-            deltas.append({k: pad_block(received[k][0] - fit.model[k][0], v.shape[1:]) for k, v in server_weights.items()})
+            index = self.index_of(c)
+            deltas.append({k: put_block(received[k][0] - fit.model[k][0], index[k], v.shape[1:]) if index else
+                           received[k][0] - fit.model[k][0] for k, v in server_weights.items()})
             losses.append(fit.loss[0])
         stacked = {k: torch.stack([d[k] for d in deltas]) for k in server_weights}
         return FitResult(stacked, self.store.num_train(clients), torch.stack(losses))
@@ -233,7 +242,7 @@ class ClientRuntime:
                     generator: torch.Generator) -> FitResult:
         """Clients whose architectures differ: the clients of one architecture trained as one
         batch (any local mode), each from the leading block of the server's tensors that fits its
-        architecture (:func:`~shn.target.leading_block`) and with its column of the cohort's
+        architecture (:func:`~shn.target.take_block`) and with its column of the cohort's
         minibatch draw; each delta is returned zero-padded to the server's shapes, the exact
         gradient input of that slicing. The round's generator advances by one cohort draw."""
         clients = [int(c) for c in clients]
@@ -243,9 +252,9 @@ class ClientRuntime:
         state = generator.get_state()
         for slots in self._groups(clients):
             members = [clients[i] for i in slots]
-            shapes = self.shapes_of(members[0])
+            block = self.index_of(members[0])
             index = torch.tensor(slots, dtype=torch.long, device=device)
-            received = self.full_weights(members, {k: leading_block(v[index.to(v.device)], shapes[k], 1)
+            received = self.full_weights(members, {k: take_block(v[index.to(v.device)], block[k], 1)
                                                    for k, v in server_weights.items()})
             trainer = cohort_trainer(self.trainer.for_group(members[0]), slots, len(clients))
             gen = torch.Generator(device=generator.device)
@@ -254,7 +263,7 @@ class ClientRuntime:
             for j, c in enumerate(members):
                 self.personal.put(c, {k: v[j] for k, v in result.params.items()})
             for k, v in server_weights.items():
-                deltas[k][index.to(v.device)] = pad_block(received[k] - result.params[k], v.shape[1:], 1).to(v)
+                deltas[k][index.to(v.device)] = put_block(received[k] - result.params[k], block[k], v.shape[1:], 1).to(v)
             losses[index] = result.loss.to(device)
         self.trainer.minibatch_uniforms(generator, len(clients))  # as one cohort draw would
         return FitResult(deltas, self.store.num_train(clients), losses)

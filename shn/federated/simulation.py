@@ -112,7 +112,7 @@ class Simulation:
         self.accountant = (PrivacyAccountant(config.privacy, config.clients_per_round, len(self.pool),
                                              mechanism.prior_steps) if mechanism is not None else None)
         # the server decodes uploads; width-nested clients get and send only their block
-        self.blocks = ClientBlocks(algorithm.server_spec, runtime.shapes_of, config.compression)
+        self.blocks = ClientBlocks(algorithm.server_spec, runtime.index_of, config.compression)
         self.traffic = Traffic()  # bytes to and from each client (shn.federated.traffic)
         self.run_dir = run_dir
         self.progress = progress
