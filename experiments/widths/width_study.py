@@ -9,7 +9,7 @@ widest CNN); ``separate-w<w>/seed<s>`` is pFedHN on the clients of width ``w`` o
 partition and seed; the training and evaluation pool restricted to that group) for ``rounds / G``
 rounds, so the G groups together spend the shared run's client updates. A finished run directory
 is skipped (the study resumes where it stopped). Then ``widths.csv``, ``widths.md`` and
-``widths.png`` in ``--out``: per width, the mean test accuracy of its clients at the last round
+``widths.png`` in ``--out`` (and, with ``--readme``, the README's ``<!-- widths -->`` block): per width, the mean test accuracy of its clients at the last round
 (no selection in either arm; the same rule for both) over seeds, and the paired difference shared −
 separate with a 95 % t-interval over seeds.
 """
@@ -20,6 +20,7 @@ import argparse
 import csv
 import dataclasses
 import json
+import re
 import statistics
 import sys
 from pathlib import Path
@@ -67,7 +68,7 @@ def per_width(summary: dict, widths_of: dict[int, float]) -> dict[float, float]:
     return {w: statistics.fmean(v) for w, v in rows.items()}
 
 
-def report(config_path: Path, out: Path, seeds: list[int], overrides: list[str]) -> None:
+def report(config_path: Path, out: Path, seeds: list[int], overrides: list[str], update_readme: bool = False) -> None:
     config = load_config(config_path, overrides)
     task = build(config).task
     widths_of = {c: task.width_of(c) for c in range(task.num_clients)}
@@ -99,6 +100,11 @@ def report(config_path: Path, out: Path, seeds: list[int], overrides: list[str])
             f"{seeds}; paired by seed.\n\n" + "\n".join(lines) + "\n")
     (out / "widths.md").write_text(text)
     print(text)
+    readme = REPO / "README.md"
+    if update_readme and "<!-- widths:start -->" in readme.read_text():
+        block = f"<!-- widths:start -->\n{text}<!-- widths:end -->"
+        readme.write_text(re.sub(r"<!-- widths:start -->.*?<!-- widths:end -->", lambda _: block,
+                                 readme.read_text(), flags=re.S))
     import matplotlib
 
     matplotlib.use("Agg")
@@ -126,12 +132,13 @@ def main() -> None:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
     p.add_argument("--threads", type=int, default=1)
     p.add_argument("--report-only", action="store_true")
+    p.add_argument("--readme", action="store_true", help="also replace the README's <!-- widths --> block")
     args = p.parse_args()
     with torch_threads(args.threads):
         if not args.report_only:
             for seed in args.seeds:
                 run_seed(args.config, args.out, seed, args.overrides)
-        report(args.config, args.out, args.seeds, args.overrides)
+        report(args.config, args.out, args.seeds, args.overrides, args.readme)
 
 
 if __name__ == "__main__":
