@@ -294,7 +294,7 @@ def test_a_narrow_forecaster_is_the_wide_one_with_its_outer_units_zeroed(kind):
 
 
 @pytest.mark.parametrize("method,extra", [("pfedhn", {}), ("shn", {"graph.kind": "given", "encoder.layers": 1})])
-def test_forecasting_clients_of_different_widths_share_one_hypernetwork(tmp_path, method, extra):
+def test_forecasting_clients_of_different_widths_share_one_hypernetwork(tmp_path, method, extra, flower_env):
     from tests.test_timeseries import write_wide
 
     write_wide(tmp_path / "flow.csv", days=3)
@@ -312,6 +312,13 @@ def test_forecasting_clients_of_different_widths_share_one_hypernetwork(tmp_path
     runtime = result.extra["runtime"]
     sent = runtime.client_weights([0, 1, 2], result.algorithm.weights_for([0, 1, 2]))
     assert [p["cell_h.weight"].shape for p in sent] == [(12, 4), (24, 8), (48, 16)]
+    if method == "pfedhn":  # on Flower each client gets its gate-wise block: the same numbers
+        pytest.importorskip("flwr.app")
+        from shn.flower.engine import run_in_process
+
+        got = run_in_process(config, run_dir=tmp_path / "flower")
+        assert got.summary["metrics"]["test_mse"] == pytest.approx(result.summary["metrics"]["test_mse"], rel=1e-5)
+        assert got.summary["communication"] == result.summary["communication"]
     with pytest.raises(ConfigError, match="client_widths has 2 entries"):
         build(config_from_dict(with_changes({"method": "pfedhn", "task": dict(config.task.options.__dict__,
                                                                              name="timeseries", client_widths=[1, 2],

@@ -117,7 +117,7 @@ class ClientRuntime:
         out = []
         for i, c in enumerate(clients):
             index = self.index_of(int(c))
-            p = {k: take_block(v[i], index[k]) if index else v[i] for k, v in server_weights.items()}
+            p = {k: _to_block(v[i], index.get(k)) for k, v in server_weights.items()}
             if self.personal.initial:
                 p.update({k: v.to(self.store.device) for k, v in self.personal.get(int(c)).items()})
             out.append(p)
@@ -161,7 +161,7 @@ class ClientRuntime:
         for slots in self._groups(clients):
             members = [clients[i] for i in slots]
             index = self.index_of(members[0])
-            block = {k: take_block(v[torch.tensor(slots, device=v.device)], index[k], 1) for k, v in deltas.items()}
+            block = {k: _to_block(v[torch.tensor(slots, device=v.device)], index.get(k), 1) for k, v in deltas.items()}
             if self.upload is None:
                 encoded = [{k: v[j] for k, v in block.items()} for j in range(len(slots))]
             else:
@@ -232,8 +232,8 @@ class ClientRuntime:
             fit = self.method.fit(round_)
             self._keep([c], fit)
             index = self.index_of(c)
-            deltas.append({k: put_block(received[k][0] - fit.model[k][0], index[k], v.shape[1:]) if index else
-                           received[k][0] - fit.model[k][0] for k, v in server_weights.items()})
+            deltas.append({k: _from_block(received[k][0] - fit.model[k][0], index.get(k), v.shape[1:])
+                           for k, v in server_weights.items()})
             losses.append(fit.loss[0])
         stacked = {k: torch.stack([d[k] for d in deltas]) for k in server_weights}
         return FitResult(stacked, self.store.num_train(clients), torch.stack(losses))
@@ -254,7 +254,7 @@ class ClientRuntime:
             members = [clients[i] for i in slots]
             block = self.index_of(members[0])
             index = torch.tensor(slots, dtype=torch.long, device=device)
-            received = self.full_weights(members, {k: take_block(v[index.to(v.device)], block[k], 1)
+            received = self.full_weights(members, {k: _to_block(v[index.to(v.device)], block.get(k), 1)
                                                    for k, v in server_weights.items()})
             trainer = cohort_trainer(self.trainer.for_group(members[0]), slots, len(clients))
             gen = torch.Generator(device=generator.device)
@@ -263,7 +263,7 @@ class ClientRuntime:
             for j, c in enumerate(members):
                 self.personal.put(c, {k: v[j] for k, v in result.params.items()})
             for k, v in server_weights.items():
-                deltas[k][index.to(v.device)] = put_block(received[k] - result.params[k], block[k], v.shape[1:], 1).to(v)
+                deltas[k][index.to(v.device)] = _from_block(received[k] - result.params[k], block.get(k), v.shape[1:], 1).to(v)
             losses[index] = result.loss.to(device)
         self.trainer.minibatch_uniforms(generator, len(clients))  # as one cohort draw would
         return FitResult(deltas, self.store.num_train(clients), losses)
@@ -293,3 +293,18 @@ class ClientRuntime:
                     row[f"{split}_n"] = float(tensors[0].shape[0])  # for pooled (example-weighted) means
             out[int(c)] = row
         return out
+
+
+def _to_block(t: Tensor, index: BlockIndex | None, batch_dims: int = 0) -> Tensor:
+    """A client's block of the server's tensor ``t``; ``t`` itself when it already has the
+    block's shape (what the Flower engine sends: only the block)."""
+    if index is None or tuple(t.shape[batch_dims:]) == block_shape(index):
+        return t
+    return take_block(t, index, batch_dims)
+
+
+def _from_block(t: Tensor, index: BlockIndex | None, full: Sequence[int], batch_dims: int = 0) -> Tensor:
+    """A client's block-shaped delta in the shape the server sent (:func:`_to_block`'s adjoint)."""
+    if index is None or tuple(full) == block_shape(index):
+        return t
+    return put_block(t, index, full, batch_dims)
