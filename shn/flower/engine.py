@@ -13,7 +13,8 @@ Protocol (Flower Message API, one SuperNode = one client, identity = ``partition
   fresh process per message, and ``flower_app`` answers this one without importing torch. The
   ServerApp checks the claims (:mod:`shn.flower.identity`): a partition claimed by two nodes is
   used by neither, and with ``partition-map`` a node may only be the client the map binds it to.
-* ``train``: per sampled client, its personalised weights (``algorithm.weights_for``) as the
+* ``train``: per sampled client, its personalised weights (``algorithm.weights_for``; with
+  ``task.widths`` only its architecture's block, :mod:`shn.federated.blocks`) as the
   ArrayRecord ``"arrays"`` and a ConfigRecord ``"config"`` (round, client, its slot in the round's
   cohort, cohort size, config text). The client trains with the round's generator
   (``torch_generator(seed, "local-training", round)``, its column of the cohort's draw) and replies
