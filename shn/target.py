@@ -73,17 +73,13 @@ def take_block(t: Tensor, index: BlockIndex, batch_dims: int = 0) -> Tensor:
     """The block ``index`` of ``t [*B, *full]`` (a narrower architecture's tensor inside the
     widest one's: by default its first channels / units along every dimension, HeteroFL's nesting)."""
     full = t.shape[batch_dims:]
-    if len(full) != len(index):
-        raise ValueError(f"a block of {len(index)} dimensions does not fit inside {tuple(full)}")
+    if not fits(index, full):
+        raise ValueError(f"block {block_shape(index)} does not fit inside {tuple(full)}")
     for d, ix in enumerate(index):
         if isinstance(ix, int):
-            if ix > full[d]:
-                raise ValueError(f"block {_shape(index)} does not fit inside {tuple(full)}")
             if ix != full[d]:
                 t = t.narrow(batch_dims + d, 0, ix)
         else:
-            if ix.numel() and int(ix.max()) >= full[d]:
-                raise ValueError(f"block {_shape(index)} does not fit inside {tuple(full)}")
             t = t.index_select(batch_dims + d, ix.to(t.device))
     return t
 
@@ -112,10 +108,7 @@ def leading_index(shape: Sequence[int]) -> BlockIndex:
 
 
 def block_shape(index: BlockIndex) -> tuple[int, ...]:
-    return _shape(index)
-
-
-def _shape(index: BlockIndex) -> tuple[int, ...]:
+    """The shape of the block ``index`` names."""
     return tuple(ix if isinstance(ix, int) else int(ix.numel()) for ix in index)
 
 

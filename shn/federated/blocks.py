@@ -2,9 +2,9 @@
 server's tensors its architecture uses (``task.widths``; README: Heterogeneous clients).
 
 The server's tensors follow the widest architecture; a narrower client's are their leading
-blocks (:func:`shn.target.take_block`; a model may place them elsewhere, e.g. per GRU gate). :class:`ClientBlocks` is the server's side of that
-exchange on both engines: the block a client is sent, the bytes that costs, and a client's upload
-decoded with the codec of its block's shapes (``[compression]``: top-k counts and quantisation
+blocks (:func:`shn.target.take_block`; a model may place them elsewhere, e.g. per GRU gate).
+:class:`ClientBlocks` is the server's side of that exchange on both engines: the block a client
+is sent, the bytes that costs, and a client's upload decoded with the codec of its block's shapes (``[compression]``: top-k counts and quantisation
 noise follow the block) and checked to have exactly those shapes before it is zero-padded to the
 server's — the exact gradient input of the slicing. An upload in any other shape is an
 :class:`~shn.federated.validation.UnreadableUpdate`, which the server rejects.
@@ -73,11 +73,9 @@ class ClientBlocks:
         """``client``'s upload as a delta in the server's shapes, or an UnreadableUpdate.
         ``compressed = False``: a plain delta (the novel-client fit sends one)."""
         codec = self.codec(client)
-        if codec.spec == self.spec:
-            return self._codecs[self.spec].decode(payload) if compressed else payload
         delta = codec.decode(payload) if compressed else payload
-        if isinstance(delta, UnreadableUpdate):
-            return delta
+        if codec.spec == self.spec or isinstance(delta, UnreadableUpdate):
+            return delta  # (in the server's shapes: Server.receive validates it)
         try:
             got = {n: tuple(delta[n].shape) for n in codec.spec.names}
             if set(delta.keys()) != set(codec.spec.names) or any(

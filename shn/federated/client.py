@@ -101,6 +101,7 @@ class ClientRuntime:
         self.method = method or ClientMethod()  # the method's client side (plain local training)
         self.upload = upload  # [compression] of what clients send back; None: deltas as they are
         self._index_cache: dict[int, dict[str, BlockIndex]] = {}
+        self._arch_cache: dict[int, tuple] = {}
 
     def full_weights(self, clients: Sequence[int], server_weights: Mapping[str, Tensor]) -> Params:
         """Server tensors ``[C, *shape]`` plus each client's personal tensors, stacked."""
@@ -177,13 +178,16 @@ class ClientRuntime:
         if not self.trainer.templates:
             return {}
         if client not in self._index_cache:
-            self._index_cache[client] = block_index(self.trainer.template_for(client), self.trainer.template)
+            index = block_index(self.trainer.template_for(client), self.trainer.template)
+            self._index_cache[client] = index
+            self._arch_cache[client] = tuple(  # a hashable key, equal for clients with the same blocks
+                (k, tuple(ix if isinstance(ix, int) else tuple(ix.tolist()) for ix in index[k])) for k in sorted(index))
         return self._index_cache[client]
 
     def _architecture(self, client: int) -> tuple:
-        """A hashable key equal for clients whose blocks are the same."""
-        return tuple((k, tuple(ix if isinstance(ix, int) else tuple(ix.tolist()) for ix in index))
-                     for k, index in sorted(self.index_of(client).items()))
+        """A hashable key equal for clients whose blocks are the same (computed with the index)."""
+        self.index_of(client)
+        return self._arch_cache.get(client, ())
 
     def _fit(self, clients: Sequence[int], server_weights: Mapping[str, Tensor], generator: torch.Generator) -> FitResult:
         if self.trainer.templates:  # architectures differ between clients: one batch per architecture

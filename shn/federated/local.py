@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import copy
 from dataclasses import dataclass, replace
-from functools import cached_property
 from typing import Any, Callable, Mapping, Sequence
 
 import torch
@@ -172,6 +171,9 @@ class LocalTrainer:
         self._grouped_net: GroupedNet | None = None  # built on first use (one fx trace)
         self._grouped_grad: Callable[..., tuple[Params, Tensor]] | None = None
         self._grouped_numel: dict[tuple[int, ...], int] = {}  # one client's largest activation, by batch shape
+        # per template: the grouped-mode verdict and the traced grouped network (each one fx
+        # trace), shared by this trainer's copies (for_group / cohort_trainer make one a round)
+        self._traced: dict[tuple, Any] = {}
         self._client_grads = {int(c): autograd_grad_and_value(self._loss_of(t)) for c, t in self.templates.items()}
 
     def _loss_of(self, template: nn.Module) -> Callable[..., Tensor]:
@@ -198,12 +200,8 @@ class LocalTrainer:
     def for_client(self, client: int) -> "LocalTrainer":
         """A copy of this trainer that trains ``client`` alone with its own architecture (the
         loop path; any ``minibatch_uniforms`` override, e.g. :func:`cohort_trainer`'s, is kept)."""
-        template = self.template_for(client)
-        out = copy.copy(self)
-        out.template, out.templates, out._client_grads = template, {}, {}
+        out = self.for_group(client)
         out.config = replace(self.config, mode="loop")
-        client_loss = self._loss_of(template)
-        out._vgrad, out._grad = vmap(grad_and_value(client_loss)), autograd_grad_and_value(client_loss)
         return out
 
     def for_group(self, client: int) -> "LocalTrainer":
@@ -214,8 +212,7 @@ class LocalTrainer:
         out.template, out.templates, out._client_grads = template, {}, {}
         client_loss = self._loss_of(template)
         out._vgrad, out._grad = vmap(grad_and_value(client_loss)), autograd_grad_and_value(client_loss)
-        out._grouped_net, out._grouped_grad, out._grouped_numel = None, None, {}
-        out.__dict__.pop("grouped_reason", None)  # the cached answer was the other template's
+        out._grouped_net, out._grouped_grad, out._grouped_numel = None, None, {}  # fetched from _traced
         return out
 
     def resolve_mode(self, device: torch.device) -> str:
@@ -225,10 +222,13 @@ class LocalTrainer:
             return "grouped" if self.grouped_reason is None else "loop"
         return "vmap"
 
-    @cached_property
+    @property
     def grouped_reason(self) -> str | None:
         """Why the template cannot run in ``grouped`` mode, or None (one fx trace, on first use)."""
-        return grouped_unsupported(self.template)
+        key = ("reason", id(self.template))
+        if key not in self._traced:
+            self._traced[key] = grouped_unsupported(self.template)
+        return self._traced[key]
 
     def train(self, params: Mapping[str, Tensor], store: ClientStore, clients: Sequence[int], generator: torch.Generator,
               objective: LocalObjective | None = None) -> LocalResult:
@@ -355,9 +355,12 @@ class LocalTrainer:
             reason = self.grouped_reason
             if reason is not None:
                 raise ValueError(f"local.mode = 'grouped' cannot run this target: {reason}; use 'loop' or 'auto'")
-            self._grouped_net = GroupedNet(self.template)
-            self._grouped_grad = autograd_grad_and_value(
-                autocast_loss(grouped_loss(self._grouped_net, self.loss), self.config.precision))
+            key = ("net", id(self.template), self.config.precision)
+            if key not in self._traced:
+                net = GroupedNet(self.template)
+                self._traced[key] = (net, autograd_grad_and_value(
+                    autocast_loss(grouped_loss(net, self.loss), self.config.precision)), {})
+            self._grouped_net, self._grouped_grad, self._grouped_numel = self._traced[key]
         C = batch[0].shape[0]
         shape = tuple(batch[0].shape[1:])
         if shape not in self._grouped_numel:

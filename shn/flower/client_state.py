@@ -98,11 +98,12 @@ class ClientSnapshots:
         for name in self.names:
             if name in state:
                 del state[name]
-        rounds = [r for r in self._rounds() if r <= upto]
+        found = self._rounds()
+        rounds = [r for r in found if r <= upto]
         if not rounds:
             return None
         best = max(rounds)
-        path = self._rounds()[best]
+        path = found[best]
         try:
             data = torch.load(path, map_location="cpu", weights_only=True)
         except Exception as e:  # noqa: BLE001 - a damaged file is one clear line
