@@ -143,14 +143,15 @@ def test_grouped_deltas_equal_the_loop_within_tolerance(model):
 
 
 def test_chunks_of_clients_give_the_same_deltas(monkeypatch):
-    """A cohort larger than one chunk (here: one client per chunk) trains like one call."""
+    """A cohort larger than one chunk (here: one client per chunk) trains like one call; each
+    chunk is trained for all its steps in turn."""
     build, shape = MODELS["small_cnn"]
     store = _store(shape, sizes=(9, 12, 15))
     clients = [0, 1, 2]
     params = _stacked(build, 3)
     cfg = LocalConfig(steps=3, lr=0.05, batch_size=8, mode="grouped")
     whole = LocalTrainer(build(), classification_loss, cfg).train(params, store, clients, torch.Generator().manual_seed(2))
-    monkeypatch.setattr(local, "GROUPED_ACTIVATION_BUDGET", 1)
+    monkeypatch.setattr(local, "GROUPED_ACTIVATION_BYTES", 1)
     calls = []
     trainer = LocalTrainer(build(), classification_loss, cfg)
     real = trainer._grouped_grads
@@ -162,7 +163,7 @@ def test_chunks_of_clients_give_the_same_deltas(monkeypatch):
 
     trainer._grouped_grads = counting
     chunked = trainer.train(params, store, clients, torch.Generator().manual_seed(2))
-    assert calls == [3] * cfg.steps  # every step: all 3 clients, in chunks of 1
+    assert calls == [1] * (3 * cfg.steps)  # chunks of 1 client, each for all its steps
     for k in params:
         torch.testing.assert_close(chunked.params[k], whole.params[k], rtol=1e-5, atol=1e-6)
 
@@ -173,6 +174,10 @@ def test_chunk_size_follows_the_activation_budget():
     params = _stacked(build, 2)
     # conv1's output is the largest activation: 16 channels × 28 × 28 per image
     assert net.activation_numel(params, torch.empty(2, 64, *shape)) == 64 * 16 * 28 * 28
+    # 16 MiB of it: 5 clients in float32 (3.2 MB each), 10 in bfloat16
+    for precision, chunk in (("fp32", 5), ("bf16", 10)):
+        trainer = LocalTrainer(build(), classification_loss, LocalConfig(mode="grouped", precision=precision))
+        assert trainer._grouped_chunk(params, shape, 64) == chunk
 
 
 class _WithBatchNorm(nn.Module):

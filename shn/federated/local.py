@@ -39,20 +39,21 @@ import torch
 from torch import Tensor, nn
 from torch.func import functional_call, grad_and_value, vmap
 
+from shn.allocator import apply_default as apply_allocator_default
 from shn.config import LocalConfig
 from shn.federated.grouped import GroupedNet, grouped_loss, grouped_unsupported
 from tasks.base import ClientData, Split, Task
 
 Params = dict[str, Tensor]
 
-# Elements of the largest activation of one grouped network call (float32: 4 bytes each).
-# Clients are run in chunks that keep it under this (at least one client per chunk): 16 MB, half
-# the development machine's L3 cache, i.e. chunks of 5 CIFAR-CNN clients at batch 64 — measured
-# faster than chunks of 1, 2 or 10 on a quiet machine, while one call for all 50 (160 MB) was
-# slower than the loop on one thread. Small targets (digits) fit the whole cohort in one call.
-# bf16 (local.precision) keeps the element budget: chunks of 5 ran as fast as chunks of 2 and
-# faster than chunks of 10 in one 1-thread measurement.
-GROUPED_ACTIVATION_BUDGET = 4 * 2**20
+# Bytes of the largest activation of one grouped network call, in the dtype it is computed in
+# (float32; bfloat16 under local.precision = "bf16"). Clients are run in chunks that keep it under
+# this (at least one client per chunk): chunks of 5 CIFAR-CNN clients at batch 64 in float32 (measured
+# faster than chunks of 1, 2 or 10 under glibc's default malloc; one call for all 50, 160 MB, was
+# slower than the loop) and of 10 in bfloat16 (with freed memory kept, shn/allocator.py, 7 % faster
+# than chunks of 5 on 2 threads; float32 gains 1-3 % from chunks of 10 there, and loses 40 % under
+# glibc's defaults). Small targets (digits) fit the whole cohort in one call.
+GROUPED_ACTIVATION_BYTES = 16 * 2**20
 
 
 class ClientStore:
@@ -160,6 +161,7 @@ class LocalTrainer:
 
     def __init__(self, template: nn.Module, loss: Callable[..., Tensor], config: LocalConfig, *,
                  templates: Mapping[int, nn.Module] | None = None) -> None:
+        apply_allocator_default()  # training's freed memory kept for the next step (shn/allocator.py)
         self.template = template
         self.loss = loss
         self.config = config
@@ -170,7 +172,7 @@ class LocalTrainer:
         self._grad = autograd_grad_and_value(client_loss)
         self._grouped_net: GroupedNet | None = None  # built on first use (one fx trace)
         self._grouped_grad: Callable[..., tuple[Params, Tensor]] | None = None
-        self._grouped_numel: dict[tuple[int, ...], int] = {}  # one client's largest activation, by batch shape
+        self._grouped_numel: dict[tuple[int, ...], int] = {}  # one client's largest activation, by (batch, *sample)
         # per template: the grouped-mode verdict and the traced grouped network (each one fx
         # trace), shared by this trainer's copies (for_group / cohort_trainer make one a round)
         self._traced: dict[tuple, Any] = {}
@@ -252,17 +254,42 @@ class LocalTrainer:
         if mode in ("vmap", "grouped"):
             offsets = torch.tensor([store.offsets[c] for c in clients], dtype=torch.long)
             global_idx = (local_idx + offsets[None, :, None]).to(store.device)
+        if mode == "grouped":
+            return self._train_grouped(p, store, global_idx)
         for step in range(cfg.steps):
             if mode == "vmap":
                 batch = tuple(t[global_idx[step]] for t in store.concat)
                 grads, loss = self._vgrad(p, *batch)
-            elif mode == "grouped":
-                grads, loss = self._grouped_grads(p, tuple(t[global_idx[step]] for t in store.concat))
             else:
                 grads, loss = self._loop_grads(p, store, clients, local_idx[step])
             losses += loss.detach()
             p, buf = sgd_step(p, grads, buf, cfg)
         return LocalResult(p, losses / cfg.steps)
+
+    def _train_grouped(self, p: Params, store: ClientStore, global_idx: Tensor) -> LocalResult:
+        """:meth:`train` in ``grouped`` mode: the cohort in chunks of clients whose largest activation
+        stays under ``GROUPED_ACTIVATION_BYTES``, each chunk trained for all its steps
+        before the next. Clients share nothing, and the optimiser acts per element and per client,
+        so this is the same arithmetic as stepping every chunk in turn; gathering each chunk's
+        minibatch alone keeps the step's allocations small enough for the heap to reuse (a whole
+        cohort's CIFAR batch is 39 MB, which glibc maps afresh at every step)."""
+        cfg = self.config
+        C = global_idx.shape[1]
+        chunk = self._grouped_chunk(p, tuple(store.concat[0].shape[1:]), cfg.batch_size)
+        params, losses = [], []
+        for i in range(0, C, chunk):
+            q = {k: v[i:i + chunk] for k, v in p.items()}
+            buf: Params | None = None
+            total = torch.zeros(min(chunk, C - i), device=global_idx.device)
+            for step in range(cfg.steps):
+                grads, loss = self._grouped_grads(q, tuple(t[global_idx[step, i:i + chunk]] for t in store.concat))
+                total += loss.detach()
+                q, buf = sgd_step(q, grads, buf, cfg)
+            params.append(q)
+            losses.append(total)
+        if len(params) == 1:
+            return LocalResult(params[0], losses[0] / cfg.steps)
+        return LocalResult({k: torch.cat([q[k] for q in params]) for k in p}, torch.cat(losses) / cfg.steps)
 
     def _train_objective(self, params: Mapping[str, Tensor], store: ClientStore, clients: list[int],
                          generator: torch.Generator, objective: LocalObjective, mode: str) -> LocalResult:
@@ -348,9 +375,18 @@ class LocalTrainer:
         cfg = self.config
         return torch.rand(steps or cfg.steps, num_clients, cfg.batch_size, generator=generator, dtype=torch.float64)
 
-    def _grouped_grads(self, p: Params, batch: tuple[Tensor, ...]) -> tuple[Params, Tensor]:
-        """Every client's gradient from the grouped network, in chunks of clients whose largest
-        activation stays under ``GROUPED_ACTIVATION_BUDGET`` elements."""
+    def _grouped_chunk(self, p: Params, sample_shape: tuple[int, ...], batch_size: int) -> int:
+        """How many clients one grouped call takes: ``GROUPED_ACTIVATION_BYTES`` over one client's
+        largest activation (its elements measured once per shape on the meta device, times the
+        bytes of the dtype it is computed in)."""
+        self._grouped()
+        key = (batch_size, *sample_shape)
+        if key not in self._grouped_numel:
+            self._grouped_numel[key] = self._grouped_net.activation_numel(p, torch.empty(1, *key, device="meta"))
+        itemsize = 2 if self.config.precision == "bf16" else next(iter(p.values())).element_size()
+        return max(1, GROUPED_ACTIVATION_BYTES // (self._grouped_numel[key] * itemsize))
+
+    def _grouped(self) -> None:
         if self._grouped_net is None:
             reason = self.grouped_reason
             if reason is not None:
@@ -361,16 +397,11 @@ class LocalTrainer:
                 self._traced[key] = (net, autograd_grad_and_value(
                     autocast_loss(grouped_loss(net, self.loss), self.config.precision)), {})
             self._grouped_net, self._grouped_grad, self._grouped_numel = self._traced[key]
-        C = batch[0].shape[0]
-        shape = tuple(batch[0].shape[1:])
-        if shape not in self._grouped_numel:
-            self._grouped_numel[shape] = self._grouped_net.activation_numel(p, batch[0])
-        chunk = max(1, GROUPED_ACTIVATION_BUDGET // self._grouped_numel[shape])
-        if C <= chunk:
-            return self._grouped_grad(p, *batch)
-        parts = [self._grouped_grad({k: v[i:i + chunk] for k, v in p.items()}, *(t[i:i + chunk] for t in batch))
-                 for i in range(0, C, chunk)]
-        return {k: torch.cat([g[k] for g, _ in parts]) for k in p}, torch.cat([v for _, v in parts])
+
+    def _grouped_grads(self, p: Params, batch: tuple[Tensor, ...]) -> tuple[Params, Tensor]:
+        """One chunk of clients' gradients and losses from the grouped network."""
+        self._grouped()
+        return self._grouped_grad(p, *batch)
 
     def _loop_grads(self, p: Params, store: ClientStore, clients: list[int], idx: Tensor) -> tuple[Params, Tensor]:
         per_grad, per_loss = [], []

@@ -224,3 +224,24 @@ def test_w2_server_update(benchmark, capsys, how):
             print(f"\nW2 server update (50 clients, {DEVICE}): batched {SERVER_RESULTS['batched']['median']:.3f}s  "
                   f"per-client {SERVER_RESULTS['per_client']['median']:.3f}s (medians)  "
                   f"per-client/batched = {ratio:.2f} (min {ratio_min:.2f})")
+
+
+# -- the CIFAR CNN against the loop as it ran before `shn --allocator keep` -------------------------
+
+@pytest.mark.skipif(DEVICE.type != "cpu", reason="the allocator setting is about CPU tensors")
+def test_w2_cnn_speedup(benchmark, capsys):
+    """The README's speed-up table at a smaller budget (10 local steps, 3 repetitions): every
+    variant in a child process of its own, interleaved (``cnn_speedup.py``); ratios against the fp32
+    loop under glibc's default malloc."""
+    from .cnn_speedup import VARIANTS, measure, ratios
+
+    result: dict = {}
+    benchmark.group = "W2 CIFAR CNN speed-up (child processes)"
+    benchmark.pedantic(lambda: result.update(measure(torch.get_num_threads(), 3, 1, 10, VARIANTS)), rounds=1,
+                       iterations=1)
+    wall = {name: statistics.median(r) for name, r in ratios(result).items()}
+    benchmark.extra_info.update(threads=torch.get_num_threads(), steps=10, load_average=os.getloadavg()[0],
+                                **{f"{name} / reference": v for name, v in wall.items()})
+    with capsys.disabled():
+        print("\nW2 CIFAR CNN, 10 steps: " + "  ".join(f"{name}: {v:.2f}" for name, v in wall.items()))
+    assert wall["grouped fp32, keep"] < 1, wall  # the grouped network with kept memory beats today's loop
