@@ -271,8 +271,8 @@ class LocalTrainer:
         stays under ``GROUPED_ACTIVATION_BYTES``, each chunk trained for all its steps
         before the next. Clients share nothing, and the optimiser acts per element and per client,
         so this is the same arithmetic as stepping every chunk in turn; gathering each chunk's
-        minibatch alone keeps the step's allocations small enough for the heap to reuse (a whole
-        cohort's CIFAR batch is 39 MB, which glibc maps afresh at every step)."""
+        minibatch alone keeps the step's allocations small (a whole cohort's CIFAR batch is 39 MB,
+        which glibc's default malloc maps afresh at every step)."""
         cfg = self.config
         C = global_idx.shape[1]
         chunk = self._grouped_chunk(p, tuple(store.concat[0].shape[1:]), cfg.batch_size)
@@ -280,7 +280,7 @@ class LocalTrainer:
         for i in range(0, C, chunk):
             q = {k: v[i:i + chunk] for k, v in p.items()}
             buf: Params | None = None
-            total = torch.zeros(min(chunk, C - i), device=global_idx.device)
+            total = torch.zeros(min(chunk, C - i), device=next(iter(q.values())).device)
             for step in range(cfg.steps):
                 grads, loss = self._grouped_grads(q, tuple(t[global_idx[step, i:i + chunk]] for t in store.concat))
                 total += loss.detach()
