@@ -22,6 +22,9 @@ ROOT = Path(__file__).resolve().parents[2]
 # issue 16's client-side baselines: in phase B only where their phase-A trials were run
 OPTIONAL = ("fedprox", "ditto", "fedrep")
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+import make_grids  # noqa: E402
 
 
 def trials(setting: str, results: Path | None = None, suite_file: Path | None = None) -> list[dict]:
@@ -63,37 +66,55 @@ def choose(rows: list[dict]) -> dict[str, dict]:
 def tuned_suite(setting: str, best: dict[str, dict]) -> str:
     grid = tomllib.loads((HERE / f"{setting}_grid.toml").read_text())
     entry = grid["runs"][0]
-    half = "graph.stage1_rounds=30", "rounds=30"
+    name, out = make_grids.STUDY.get(setting, (setting, f"experiments/results/study/{setting}"))
+    total = make_grids.rounds(grid["set"]) * _clients(entry, grid["set"])
+    half = f"graph.stage1_rounds={make_grids.rounds(grid['set']) // 2}", f"rounds={make_grids.rounds(grid['set']) // 2}"
     knn = ['graph.kind="knn"', *half, 'graph.stage3_init="full"']
 
     def variant(name: str, method: str, extra: list[str] = ()) -> str:
         sets = [s for s in best[method]["set"]] + list(extra)
         return f"    {{ name = \"{name}\", method = \"{method}\", set = {json.dumps(sets)} }},"
 
+    if setting in make_grids.KNN_ONLY:  # graph methods were tuned on the kNN graph already
+        graph = [variant("ghn-knn", "ghn"), variant("panacea-knn", "panacea"), variant("shn-knn", "shn"),
+                 # ablation: the old stage 3 (only the stage-1 embeddings kept, the SHN paper's architecture)
+                 variant("shn-knn-fresh", "shn", ['graph.stage3_init="embeddings"', 'hypernetwork.graph_branch="replace"'])]
+    else:
+        graph = [variant("ghn-given", "ghn", ['graph.kind="given"']),
+                 variant("panacea-given", "panacea", ['graph.kind="given"']),
+                 variant("shn-given", "shn", ['graph.kind="given"']),
+                 variant("ghn-knn", "ghn", knn), variant("shn-knn", "shn", knn),
+                 # ablation: the SHN paper's architecture (the trunk reads the sheaf output), same values
+                 variant("shn-given-replace", "shn", ['graph.kind="given"', 'hypernetwork.graph_branch="replace"'])]
     lines = [
         f"# Phase B of the issue-19 study on {setting}: paired seeds 0-4, each method with the trial",
         f"# experiments/study/choose_trials.py chose on validation (experiments/results/study/{setting}-grid/trials.csv).",
-        "# Equal budget: 600 client updates per run; kNN-graph methods spend 300 in stage 1 (pFedHN)",
-        "# and 300 in stage 3, continuing from the whole stage-1 hypernetwork. Generated; do not edit.",
-        f'out = "experiments/results/study/{setting}"',
+        f"# Equal budget: {total} client updates per run; kNN-graph methods spend {total // 2} in stage 1 (pFedHN)",
+        f"# and {total // 2} in stage 3, continuing from the whole stage-1 hypernetwork. Generated; do not edit.",
+        f'out = "{out}"',
         "set = " + json.dumps(grid["set"]),
         "",
         "[[runs]]",
-        f'name = "{setting}"',
+        f'name = "{name}"',
         f'config = "{entry["config"]}"',
         "seeds = [0, 1, 2, 3, 4]",
         "methods = [",
         variant("pfedhn", "pfedhn"), variant("fedavg", "fedavg"), variant("local", "local"),
-        variant("ghn-given", "ghn", ['graph.kind="given"']),
-        variant("panacea-given", "panacea", ['graph.kind="given"']),
-        variant("shn-given", "shn", ['graph.kind="given"']),
-        variant("ghn-knn", "ghn", knn), variant("shn-knn", "shn", knn),
-        # ablation: the SHN paper's architecture (the trunk reads the sheaf output), same values
-        variant("shn-given-replace", "shn", ['graph.kind="given"', 'hypernetwork.graph_branch="replace"']),
+        *graph,
         *(variant(m, m) for m in OPTIONAL if m in best),
         "]",
     ]
     return "\n".join(lines) + "\n"
+
+
+def _clients(entry: dict, sets: list[str]) -> int:
+    """Clients per round of a suite entry (its config, then the suite's sets)."""
+    config = tomllib.loads((ROOT / entry["config"]).read_text())
+    per_round = config.get("clients_per_round", 5)
+    for s in sets:
+        if s.startswith("clients_per_round="):
+            per_round = int(s.split("=", 1)[1])
+    return per_round
 
 
 def write_tuned(setting: str, best: dict[str, dict], suite_out: Path | None = None) -> None:

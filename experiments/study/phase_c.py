@@ -34,6 +34,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parents[1]))
 
 import choose_trials  # noqa: E402
+import make_grids  # noqa: E402
 from shn.sweep import parse_space, suggest  # noqa: E402
 
 TRIALS = 8
@@ -85,8 +86,8 @@ def propose(setting: str) -> Path:
         sampler = optuna.samplers.TPESampler(seed=zlib.crc32(f"{setting}/{method}".encode()))
         study = optuna.create_study(sampler=sampler, direction="minimize")
         base = list(best[method]["set"])
-        if method in ("ghn", "shn", "panacea"):
-            base.append('graph.kind="given"')
+        if method in ("ghn", "shn", "panacea") and setting not in make_grids.KNN_ONLY:
+            base.append('graph.kind="given"')  # (on a KNN_ONLY setting the phase-A sets hold the kNN graph)
         for _ in range(TRIALS):
             trial = study.ask()
             params = suggest(trial, space)
