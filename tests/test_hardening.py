@@ -187,7 +187,10 @@ def test_sigkill_at_a_random_moment_then_resume_gives_the_uninterrupted_metrics(
     rng = random.Random()
     for attempt in range(4):  # the kill must land while the run is still going
         run_dir = tmp_path / f"killed{attempt}"
-        proc = subprocess.Popen([sys.executable, "-m", "shn.cli", "run", str(cfg), "--out", str(run_dir), "--no-progress"],
+        # the killed run uses the in-process runs' thread count: float sums depend on it (OMP_NUM_THREADS
+        # or a many-core machine would otherwise give the child another one)
+        proc = subprocess.Popen([sys.executable, "-m", "shn.cli", "--threads", str(torch.get_num_threads()), "run",
+                                 str(cfg), "--out", str(run_dir), "--no-progress"],
                                 cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             deadline = time.monotonic() + 600
