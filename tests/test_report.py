@@ -82,7 +82,7 @@ def test_grouping_mean_std_and_bold(tmp_path):
     (tmp_path / "a" / "seed0" / "stage1_pfedhn").mkdir()  # nested summaries belong to their run
     (tmp_path / "a" / "seed0" / "stage1_pfedhn" / "summary.json").write_text('{"metrics": {}}')
     groups = group_runs(find_runs([tmp_path]))
-    assert sorted(g.method for g in groups) == ["fedavg", "fedavg (local.lr=0.1)", "pfedhn"]
+    assert sorted(g.method for g in groups) == ["fedavg (local.lr=0.005)", "fedavg (local.lr=0.1)", "pfedhn"]
     assert all(len(g.runs) == 2 for g in groups)
     out = tmp_path / "report"
     build_report([tmp_path / "a", tmp_path / "b", tmp_path / "c"], out)
@@ -92,6 +92,19 @@ def test_grouping_mean_std_and_bold(tmp_path):
     assert float(rows["pfedhn"]["test_accuracy_mean"]) == pytest.approx(0.6)
     assert float(rows["pfedhn"]["test_loss_std"]) == pytest.approx(0.1414213562)
     assert (out / "curves_digits.png").stat().st_size > 0
+
+
+def test_a_key_added_since_a_run_was_recorded_counts_as_its_default(tmp_path):
+    """An old run's config.toml lacks keys added later (here task.allow_pickle, local.precision):
+    it is the same setting and method as a new run that records their defaults, not a group of
+    its own; a key set to a non-default value still splits."""
+    _fake_run(tmp_path / "old", "pfedhn", 0, 0.5)
+    _fake_run(tmp_path / "new", "pfedhn", 1, 0.7, task={"name": "digits", "num_clients": 4, "allow_pickle": False},
+              local={"precision": "fp32"})
+    _fake_run(tmp_path / "bf16", "pfedhn", 0, 0.6, local={"precision": "bf16"})
+    groups = group_runs(find_runs([tmp_path]))
+    assert sorted((g.setting, g.method, len(g.runs)) for g in groups) == [
+        ("digits", "pfedhn (local.precision=bf16)", 1), ("digits", "pfedhn (local.precision=fp32)", 2)]
 
 
 def test_forecasting_report_has_a_per_horizon_table(tmp_path):
@@ -226,7 +239,7 @@ def test_curves_against_cumulative_bytes(tmp_path):
     assert drawn["xlabel"].startswith("cumulative communication, MB") and "stage 1" in drawn["xlabel"]
     assert drawn["ylabel"] == "validation accuracy (val_accuracy)"
     series = drawn["series"]
-    assert series["fedavg"]["x"] == [2.0, 4.0]
+    assert series["fedavg (compression.kind=none)"]["x"] == [2.0, 4.0]
     assert series["fedavg (compression.kind=topk)"]["x"] == [0.5, 1.0]
     assert series["shn (graph.kind=knn)"]["x"] == [3.0, 5.0] and "pfedhn" not in series
     assert not any(name.startswith("ghn") for name in series)

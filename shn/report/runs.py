@@ -120,12 +120,7 @@ def load(path: Path) -> Run | None:
         cand = path / "stage2_graph" / name
         if cand.is_file():
             files.setdefault(name, cand)
-    config: dict[str, Any] = {}
-    if "config.toml" in files:
-        try:
-            config = flatten(tomllib.loads(files["config.toml"].read_text(encoding="utf-8")))
-        except (OSError, ValueError):  # (TOMLDecodeError and UnicodeDecodeError are ValueErrors)
-            config = {}
+    config = _recorded_config(files["config.toml"]) if "config.toml" in files else {}
     config.setdefault("method", summary.get("method"))
     config.setdefault("task.name", summary.get("task"))
     config.setdefault("seed", summary.get("seed", 0))
@@ -138,6 +133,22 @@ def load(path: Path) -> Run | None:
         except (OSError, json.JSONDecodeError):
             history = []
     return Run(path, summary, config, history, files)
+
+
+def _recorded_config(path: Path) -> dict[str, Any]:
+    """A run's recorded config, flattened and resolved through today's config classes, so that a
+    key added since the run was recorded counts as its default (as for ``--resume``) rather than
+    splitting one setting in two; as recorded where it no longer loads (e.g. a plugin's method)."""
+    from shn.config import ConfigError, config_from_dict, config_to_dict
+
+    try:
+        raw = tomllib.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):  # (TOMLDecodeError and UnicodeDecodeError are ValueErrors)
+        return {}
+    try:
+        return flatten(config_to_dict(config_from_dict(raw)))
+    except (ConfigError, TypeError, ValueError):
+        return flatten(raw)
 
 
 def flatten(data: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
