@@ -82,3 +82,24 @@ def test_tuned_suite_pairs_methods_at_equal_budget(setting, tmp_path, monkeypatc
         assert all(j.config().graph.kind == "knn" for j in jobs if j.method in ("shn", "ghn", "panacea"))
     else:
         assert {"ghn-given", "shn-given", "shn-knn", "ghn-knn", "shn-given-replace"} <= names
+
+
+def test_readme_switches_to_the_tuned_suite_only_once_all_its_runs_finished(tmp_path, monkeypatch):
+    import update_readme
+
+    monkeypatch.chdir(ROOT)
+    suite = tmp_path / "tuned.toml"
+    suite.write_text('[[runs]]\nname = "s"\nconfig = "experiments/configs/quickstart.toml"\nseeds = [0, 1]\n'
+                     'methods = ["pfedhn", "fedavg"]\n')
+    monkeypatch.setitem(update_readme.TUNED, "s", (str(suite), "s-tuned"))
+    study = tmp_path / "study"
+    assert update_readme.setting_root(study, "s") == study / "s"  # nothing of it ran yet
+    jobs, _ = load_suite(suite, out=study / "s-tuned")
+    for job in jobs[:-1]:
+        job.run_dir.mkdir(parents=True)
+        (job.run_dir / "summary.json").write_text("{}")
+    assert update_readme.setting_root(study, "s") == study / "s"  # one run missing
+    jobs[-1].run_dir.mkdir(parents=True)
+    (jobs[-1].run_dir / "summary.json").write_text("{}")
+    assert update_readme.setting_root(study, "s") == study / "s-tuned"
+    assert update_readme.setting_root(study, "losloop") == study / "losloop"  # no tuned suite of its own

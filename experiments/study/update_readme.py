@@ -2,7 +2,8 @@
 
     python experiments/study/update_readme.py
 
-Runs `shn compare` over experiments/results/study/<setting>/ (phase-B outputs), writes
+Runs `shn compare` over experiments/results/study/<setting>/ (phase-B outputs; for CIFAR-10 its tuned
+suite's folder, cifar10-tuned/, once every run of it finished), writes
 experiments/results/study/paired/{paired.md,paired.csv} and replaces the block between the
 README's `<!-- paired:start -->` and `<!-- paired:end -->` markers with the table (and the
 `vsghn`, `depth` and `heterophily` blocks: SHN against GHN, and grid_studies.py's tables).
@@ -23,6 +24,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import grid_studies  # noqa: E402
 
 SETTINGS = ["cifar10-dir0.1", "losloop", "beijing", "chickenpox"]
+# a setting's tuned suite, whose results replace the untuned runs once every one of them finished
+TUNED = {"cifar10-dir0.1": ("experiments/study/cifar10_tuned.toml", "cifar10-tuned")}
+
+
+def setting_root(study: Path, setting: str) -> Path:
+    """``study/<setting>``, or the folder of its tuned suite once that suite has finished."""
+    suite, folder = TUNED.get(setting, (None, None))
+    if suite is not None and (ROOT / suite).is_file():
+        from shn.suite import load_suite
+
+        jobs, _ = load_suite(ROOT / suite, out=study / folder)
+        if all((j.run_dir / "summary.json").is_file() for j in jobs):
+            return study / folder
+    return study / setting
 
 
 # SHN against GHN on the same graph: the identity-sheaf ablation
@@ -39,7 +54,7 @@ def replace_block(text: str, name: str, table: str) -> str:
 
 def main() -> None:
     study = ROOT / "experiments" / "results" / "study"
-    roots = [study / s for s in SETTINGS if (study / s).is_dir()]
+    roots = [r for r in (setting_root(study, s) for s in SETTINGS) if r.is_dir()]
     rows = compare(roots, reference="pfedhn", out=study / "paired")
     table = markdown(rows, "pfedhn")
     vs_ghn = []
