@@ -67,9 +67,9 @@ def tuned_suite(setting: str, best: dict[str, dict]) -> str:
     grid = tomllib.loads((HERE / f"{setting}_grid.toml").read_text())
     entry = grid["runs"][0]
     name, out = make_grids.STUDY.get(setting, (setting, f"experiments/results/study/{setting}"))
-    total = make_grids.rounds(grid["set"]) * _clients(entry, grid["set"])
-    half = f"graph.stage1_rounds={make_grids.rounds(grid['set']) // 2}", f"rounds={make_grids.rounds(grid['set']) // 2}"
-    knn = ['graph.kind="knn"', *half, 'graph.stage3_init="full"']
+    rounds = make_grids.rounds(grid["set"])
+    total = rounds * _clients(entry, grid["set"])
+    knn = ['graph.kind="knn"', f"graph.stage1_rounds={rounds // 2}", f"rounds={rounds // 2}", 'graph.stage3_init="full"']
 
     def variant(name: str, method: str, extra: list[str] = ()) -> str:
         sets = [s for s in best[method]["set"]] + list(extra)
