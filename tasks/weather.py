@@ -61,7 +61,7 @@ from tasks.forecasting import (
     split_bounds,
     split_header,
 )
-from tasks.options import as_widths
+from tasks.options import as_names, as_widths
 from tasks.timeaxis import lag_steps, parse_duration, season_steps
 
 __all__ = ["WeatherOptions", "StationData", "make_weather", "read_stations", "read_station_file",
@@ -73,18 +73,6 @@ COMPASS_DEGREES = {name: 22.5 * i for i, name in enumerate(_COMPASS)}
 _CALM = ("CV", "C", "CALM", "CLM")
 _TIME_COLUMN_NAMES = ("datetime", "timestamp", "time", "date")
 _DATE_PARTS = ("year", "month", "day", "hour")
-
-
-def _as_names(value, key: str, allow_empty: bool) -> tuple[str, ...]:
-    if isinstance(value, str):
-        value = (value,)
-    if not isinstance(value, (list, tuple)) or not all(isinstance(v, str) and v for v in value):
-        raise ValueError(f"task option {key}={value!r} must be a list of column names")
-    if not value and not allow_empty:
-        raise ValueError(f"task option {key} must name at least one column")
-    if len(set(value)) != len(value):
-        raise ValueError(f"task option {key}={list(value)!r} has duplicates")
-    return tuple(value)
 
 
 @dataclass(frozen=True)
@@ -145,8 +133,8 @@ class WeatherOptions:
             parse_duration(lag, "seasonal_lags")
         if self.seasonal_period not in ("auto", "none"):
             parse_duration(self.seasonal_period, "seasonal_period")
-        object.__setattr__(self, "target_vars", _as_names(self.target_vars, "target_vars", allow_empty=False))
-        object.__setattr__(self, "input_vars", _as_names(self.input_vars, "input_vars", allow_empty=True))
+        object.__setattr__(self, "target_vars", as_names(self.target_vars, "target_vars", allow_empty=False))
+        object.__setattr__(self, "input_vars", as_names(self.input_vars, "input_vars", allow_empty=True))
         if "wd" in self.target_vars:
             raise ValueError("task option target_vars cannot contain 'wd' (wind direction is an input encoding, not a numeric target)")
         check_choice(self, "model", FORECAST_MODELS)
