@@ -103,3 +103,47 @@ def test_readme_switches_to_the_tuned_suite_only_once_all_its_runs_finished(tmp_
     (jobs[-1].run_dir / "summary.json").write_text("{}")
     assert update_readme.setting_root(study, "s") == study / "s-tuned"
     assert update_readme.setting_root(study, "losloop") == study / "losloop"  # no tuned suite of its own
+
+
+def test_lr_control_is_committed_and_drops_only_the_graph(tmp_path, monkeypatch):
+    import shn  # noqa: F401  (registers the methods)
+    import lr_control
+
+    text = lr_control.control_suite("cifar10")
+    assert (ROOT / "experiments" / "study" / "cifar10_control.toml").read_text() == text, \
+        "the committed control suite is stale: run python experiments/study/lr_control.py cifar10"
+    tuned = {j.label: j for j in _jobs((ROOT / "experiments/study/cifar10_tuned.toml").read_text(), tmp_path, monkeypatch)}
+    (tmp_path / "control").mkdir()
+    jobs = _jobs(text, tmp_path / "control", monkeypatch)
+    assert {j.variant for j in jobs} == {"pfedhn-as-shn-knn", "pfedhn-as-ghn-knn"}
+    for job in jobs:
+        cfg = job.config()
+        graph = next(t for t in tuned.values() if t.variant == job.variant.removeprefix("pfedhn-as-")
+                     and t.seed == job.seed)
+        assert cfg.method == "pfedhn" and job.entry == "cifar10-dir0.1"
+        assert (cfg.server, cfg.local) == (graph.config().server, graph.config().local)  # its learning rates
+        assert _budget(job) == _budget(graph) == 500
+
+
+def test_control_rows_pair_each_graph_method_with_its_control(tmp_path):
+    import json
+
+    import update_readme
+
+    def write(root: Path, method: str, values: list[float]) -> None:
+        for seed, v in enumerate(values):
+            d = root / "s" / method / f"seed{seed}"
+            d.mkdir(parents=True)
+            summary = {"primary_metric": "test_accuracy", "metrics": {"test_accuracy": v},
+                       "best_val": {"round": 1, "metrics": {"test_accuracy": v}}, "budget": {"client_updates": 10}}
+            (d / "summary.json").write_text(json.dumps(summary))
+
+    root = tmp_path / "s-tuned"
+    write(root, "pfedhn", [0.5, 0.6, 0.7])
+    write(root, "shn-knn", [0.7, 0.8, 0.9])
+    assert update_readme.control_rows([root]) == []  # no control folder yet
+    write(tmp_path / "s-tuned-control", "pfedhn-as-shn-knn", [0.6, 0.7, 0.8])
+    rows = {r.method: r for r in update_readme.control_rows([root])}
+    assert set(rows) == {"pfedhn-as-shn-knn vs pfedhn", "shn-knn vs pfedhn-as-shn-knn"}
+    assert abs(rows["pfedhn-as-shn-knn vs pfedhn"].diff_mean - 0.1) < 1e-9
+    assert abs(rows["shn-knn vs pfedhn-as-shn-knn"].diff_mean - 0.1) < 1e-9

@@ -6,13 +6,15 @@ Runs `shn compare` over experiments/results/study/<setting>/ (phase-B outputs; f
 suite's folder, cifar10-tuned/, once every run of it finished), writes
 experiments/results/study/paired/{paired.md,paired.csv} and replaces the block between the
 README's `<!-- paired:start -->` and `<!-- paired:end -->` markers with the table (and the
-`vsghn`, `depth` and `heterophily` blocks: SHN against GHN, and grid_studies.py's tables).
+`vsghn`, `control`, `depth` and `heterophily` blocks: SHN against GHN, the learning-rate
+control of lr_control.py, and grid_studies.py's tables).
 """
 
 from __future__ import annotations
 
 import re
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,6 +44,29 @@ def setting_root(study: Path, setting: str) -> Path:
 
 # SHN against GHN on the same graph: the identity-sheaf ablation
 SHN_VS_GHN = [("shn-given", "ghn-given"), ("shn-given-replace", "ghn-given"), ("shn-knn", "ghn-knn")]
+# the learning-rate control (lr_control.py): what a graph method's tuned learning rates give pFedHN,
+# and what its graph adds on top of them; runs in <setting root>-control/
+CONTROL_PAIRS = [("pfedhn-as-shn-knn", "pfedhn"), ("shn-knn", "pfedhn-as-shn-knn"),
+                 ("pfedhn-as-ghn-knn", "pfedhn"), ("ghn-knn", "pfedhn-as-ghn-knn")]
+
+
+def control_rows(roots: list[Path]) -> list:
+    """Rows of ``CONTROL_PAIRS`` for every setting root with a ``-control`` folder beside it;
+    each row's method reads "method vs reference"."""
+    rows = []
+    for root in roots:
+        control = root.parent / f"{root.name}-control"
+        if not control.is_dir():
+            continue
+        extra = load_runs(control)
+        for setting, runs in load_runs(root).items():
+            runs = {**runs, **extra.get(setting, {})}
+            for method, ref in CONTROL_PAIRS:
+                if method in runs and ref in runs:
+                    rows += [replace(r, method=f"{method} vs {ref}")
+                             for r in paired_rows({ref: runs[ref], method: runs[method]}, setting, ref)
+                             if r.method == method]
+    return rows
 
 
 def replace_block(text: str, name: str, table: str) -> str:
@@ -67,6 +92,7 @@ def main() -> None:
     readme = ROOT / "README.md"
     text = replace_block(readme.read_text(), "paired", table)
     text = replace_block(text, "vsghn", ghn_table)
+    text = replace_block(text, "control", markdown(control_rows(roots), "the named reference"))
     for name, study_table in grid_studies.main().items():
         text = replace_block(text, name, study_table)
     readme.write_text(text)
