@@ -147,11 +147,15 @@ def infer_graph(config: RunConfig, task: Task, embeddings: torch.Tensor, pool: S
 
 def describe_graph(graph: ClientGraph, task: Task) -> dict[str, Any]:
     """Diagnostics saved next to a graph: degrees, components, homophily w.r.t. the task's client
-    label sets and groups where the task exposes them."""
+    label sets and groups, and the label-distribution similarity of its edges (against chance and
+    an oracle graph), where the task exposes them."""
     info: dict[str, Any] = {"num_nodes": graph.num_nodes, "num_edges": graph.num_edges}
     sets = client_attribute(task, "label_sets")
     groups = client_attribute(task, "groups")
-    info.update(graph_summary(graph.to("cpu"), sets=sets))
+    dists = client_attribute(task, "label_distributions")
+    if dists is not None and not bool((torch.as_tensor(dists).sum(dim=1) > 0).all()):
+        dists = None  # a client without training labels: no similarity to score
+    info.update(graph_summary(graph.to("cpu"), sets=sets, features=dists))
     if groups is not None:
         from shn.graph import edge_homophily
 

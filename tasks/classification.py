@@ -291,6 +291,12 @@ class ClassificationTask:
     def groups(self) -> list[int] | None:
         return None if self.partition.groups is None else list(self.partition.groups)
 
+    def label_distributions(self) -> Tensor:
+        """``[N, classes]``: each client's training label frequencies (rows sum to 1), the graded
+        ground truth an inferred graph is scored against (:func:`shn.graph.feature_similarity`)."""
+        counts = torch.stack([torch.bincount(c.train[1], minlength=self.num_classes) for c in self._clients])
+        return counts.double() / counts.sum(dim=1, keepdim=True).clamp_min(1)
+
     def __repr__(self) -> str:
         sizes = [c.num_train for c in self._clients]
         return (

@@ -450,6 +450,13 @@ class TabularTask:
             return None
         return [frozenset(int(v) for v in torch.unique(c.train[1])) for c in self._clients]
 
+    def label_distributions(self) -> Tensor | None:
+        """``[N, classes]`` training label frequencies per client (classification only)."""
+        if self.problem != "classification":
+            return None
+        counts = torch.stack([torch.bincount(c.train[1].long(), minlength=self.num_classes) for c in self._clients])
+        return counts.double() / counts.sum(dim=1, keepdim=True).clamp_min(1)
+
     def relation_adjacency(self) -> Tensor | None:
         """The given client graph ``[N, N]`` (``graph_file`` or coordinates); ``None`` without one."""
         return None if self._adjacency is None else self._adjacency.clone()

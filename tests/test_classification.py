@@ -111,6 +111,9 @@ def test_digits_task_protocol(digits_task):
             assert x.shape[1:] == (1, 8, 8) and x.shape[0] == y.shape[0]
             assert set(y.tolist()) <= task.label_sets()[i]
         assert len(task.label_sets()[i]) == 2 and set(data.train[1].tolist()) == task.label_sets()[i]
+        dist = task.label_distributions()[i]  # training label frequencies, support = the label set
+        assert dist.sum().item() == pytest.approx(1.0) and set(dist.nonzero().flatten().tolist()) == task.label_sets()[i]
+        assert dist[int(data.train[1][0])].item() == pytest.approx((data.train[1] == data.train[1][0]).float().mean().item())
         seen |= task.label_sets()[i]
     assert seen == set(range(10))
     # normalised: roughly zero-mean, unit-std over all clients' training images

@@ -14,6 +14,7 @@ from hypothesis import settings
 from hypothesis import strategies as st
 
 from shn.graph import (
+    feature_similarity,
     GRAPH_KINDS,
     ClientGraph,
     LearnedGraph,
@@ -471,6 +472,31 @@ def test_edge_homophily_exact_values():
         edge_homophily(g, sets=[{0}, set(), {1}, {2}])
     with pytest.raises(ValueError, match=r"shape \[4\]"):
         edge_homophily(g, labels=[0, 1])
+
+
+def test_feature_similarity_against_dense_loops():
+    # two clusters of label distributions; a path graph joins them across the middle
+    feats = torch.tensor([[1.0, 0.0], [0.9, 0.1], [0.1, 0.9], [0.0, 1.0]], dtype=torch.float64)
+    cos = lambda u, v: float(feats[u] @ feats[v] / (feats[u].norm() * feats[v].norm()))  # noqa: E731
+    out = feature_similarity(path_graph(4), feats)
+    assert out["edges"] == pytest.approx((cos(0, 1) + cos(1, 2) + cos(2, 3)) / 3)
+    pairs = [(u, v) for u in range(4) for v in range(4) if u != v]
+    assert out["chance"] == pytest.approx(sum(cos(u, v) for u, v in pairs) / len(pairs))
+    top = sorted((cos(u, v) for u, v in pairs), reverse=True)[:6]  # as many ordered pairs as the graph's edges
+    assert out["oracle"] == pytest.approx(sum(top) / 6)
+    assert out["oracle"] >= out["edges"] > out["chance"]
+    # the graph of the true clusters reaches the oracle, a graph across them stays below chance
+    clusters = undirected([(0, 1), (2, 3)], 4)
+    across = undirected([(0, 2), (1, 3)], 4)
+    assert feature_similarity(clusters, feats)["edges"] == pytest.approx(feature_similarity(clusters, feats)["oracle"])
+    assert feature_similarity(across, feats)["edges"] < out["chance"]
+    assert feature_similarity(ClientGraph(torch.zeros(2, 0, dtype=torch.long), 4), feats)["edges"] is None
+    with pytest.raises(ValueError, match="all zeros"):
+        feature_similarity(path_graph(4), torch.tensor([[1.0, 0], [0, 0], [0, 1], [1, 1]]))
+    with pytest.raises(ValueError, match=r"\[num_nodes=4, F\]"):
+        feature_similarity(path_graph(4), torch.ones(3, 2))
+    with pytest.raises(ValueError, match="finite"):
+        feature_similarity(path_graph(4), torch.tensor([[1.0, float("nan")]] * 4))
 
 
 def dense_energy(x: torch.Tensor, g: ClientGraph, normalized: bool) -> torch.Tensor:

@@ -100,7 +100,11 @@ def test_pipeline_files_are_strict_json(task, tmp_path, monkeypatch):
     run(config("shn", tmp_path / "cache"), task=task, run_dir=out, progress=False)
     assert strict(out / "summary.json")["graph"]["homophily"] is None
     assert strict(out / "stage3_shn" / "summary.json")["graph"]["homophily"] is None
-    assert strict(out / "stage2_graph" / "graph_summary.json")["homophily"] is None
+    graph = strict(out / "stage2_graph" / "graph_summary.json")
+    assert graph["homophily"] is None
+    # a classification task scores its inferred graph against the clients' label distributions
+    sim = graph["feature_similarity"]
+    assert sim["oracle"] >= sim["edges"] and -1 <= sim["chance"] <= 1
     (entry,) = list((tmp_path / "cache").iterdir())
     strict(entry / "summary.json")
 

@@ -73,6 +73,7 @@ def test_classification_encoding_and_splits(tmp_path):
         # stratified: both classes in the training split
         assert set(data.train[1].tolist()) == {0, 1} and data.train[1].dtype == torch.int64
     assert task.label_sets() == [frozenset({0, 1})] * 4
+    assert torch.allclose(task.label_distributions().sum(dim=1), torch.ones(4, dtype=torch.float64))
     # deterministic for the seed, different for another
     again = make_tabular(opts(path, coordinate_columns=["lat", "lon"]), seed=0)
     other = make_tabular(opts(path, coordinate_columns=["lat", "lon"]), seed=1)
@@ -104,6 +105,7 @@ def test_regression_metrics_in_target_units_and_scaling_options(tmp_path):
     task = make_tabular(TabularOptions(files=str(path), client_column="site", target_column="price",
                                        exclude_columns=["label"]), seed=0)
     assert task.problem == "regression" and task.primary_metric == ("mse", "min")
+    assert task.label_distributions() is None and task.label_sets() is None
     x, y, scale = task.client_data(1).train
     assert abs(float(y.mean())) < 1e-5  # standardised per client
     true = y * scale[:, 0] + scale[:, 1]

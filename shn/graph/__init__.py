@@ -46,6 +46,7 @@ from shn.graph.diagnostics import (
     degree_stats,
     dirichlet_energy,
     edge_homophily,
+    feature_similarity,
     graph_summary,
     rayleigh_quotient,
 )
@@ -66,6 +67,7 @@ __all__ = [
     "degree_stats",
     "connected_components",
     "edge_homophily",
+    "feature_similarity",
     "dirichlet_energy",
     "rayleigh_quotient",
     "rewire_to_homophily",

@@ -15,8 +15,8 @@ from torch import Tensor
 from shn.graph.container import ClientGraph
 from shn.graph.inputs import _INT_DTYPES, _as_tensor
 
-__all__ = ["connected_components", "degree_stats", "dirichlet_energy", "edge_homophily", "graph_summary",
-           "rayleigh_quotient"]
+__all__ = ["connected_components", "degree_stats", "dirichlet_energy", "edge_homophily", "feature_similarity",
+           "graph_summary", "rayleigh_quotient"]
 
 
 def degree_stats(graph: ClientGraph) -> dict[str, Any]:
@@ -81,6 +81,44 @@ def edge_homophily(graph: ClientGraph, labels: Any = None, sets: Any = None) -> 
     return out
 
 
+def feature_similarity(graph: ClientGraph, features: Any) -> dict[str, Any]:
+    """How similar the clients an edge joins are, on a graded scale where homophily is binary: the
+    mean cosine similarity of per-client ``features`` (e.g. label distributions) over
+
+    * ``edges``: the graph's edges, as stored (both orientations of an undirected edge);
+    * ``chance``: all ordered pairs of distinct clients, what a random graph scores on average;
+    * ``oracle``: the ``E`` most similar ordered pairs, ``E`` = the graph's edge count: the most
+      any graph with as many edges can score (an upper bound on ``edges``).
+
+    So ``(edges − chance) / (oracle − chance)`` is the share of the attainable gain a graph
+    reaches. Values are ``None`` where undefined (no edges, fewer than 2 clients).
+
+    Args:
+        graph: the graph over N clients.
+        features: ``[N, F]`` per-client features, finite, no all-zero row.
+    """
+    x = _as_tensor(features, "features").to("cpu", torch.float64)
+    n = graph.num_nodes
+    if x.dim() != 2 or x.shape[0] != n:
+        raise ValueError(f"features must be [num_nodes={n}, F], got shape {tuple(x.shape)}")
+    if not torch.isfinite(x).all():
+        raise ValueError("features must be finite")
+    norms = x.norm(dim=1)
+    if (norms == 0).any():
+        raise ValueError(f"features: row {int((norms == 0).nonzero()[0])} is all zeros (cosine undefined)")
+    unit = x / norms[:, None]
+    sim = unit @ unit.T
+    row, col = graph.edge_index.cpu()
+    out: dict[str, Any] = {"edges": float(sim[row, col].mean()) if graph.num_edges else None,
+                           "chance": None, "oracle": None}
+    if n >= 2:
+        off = ~torch.eye(n, dtype=torch.bool)
+        out["chance"] = float(sim[off].mean())
+        if graph.num_edges:
+            out["oracle"] = float(sim[off].topk(min(graph.num_edges, n * (n - 1))).values.mean())
+    return out
+
+
 def dirichlet_energy(x: Tensor, graph: ClientGraph, normalized: bool = True) -> Tensor:
     """Dirichlet energy of node features over the graph (0-dim tensor, differentiable).
 
@@ -116,9 +154,10 @@ def rayleigh_quotient(x: Tensor, graph: ClientGraph, normalized: bool = True) ->
     return torch.where(sq > 0, energy / sq.clamp_min(torch.finfo(feats.dtype).tiny), torch.zeros_like(energy))
 
 
-def graph_summary(graph: ClientGraph, sets: Any = None, labels: Any = None) -> dict[str, Any]:
+def graph_summary(graph: ClientGraph, sets: Any = None, labels: Any = None, features: Any = None) -> dict[str, Any]:
     """JSON-serialisable summary to save next to a built graph: sizes, symmetry, degree stats,
-    components (count and sizes) and, if ``labels``/``sets`` are given, edge homophily."""
+    components (count and sizes), if ``labels``/``sets`` are given, edge homophily, and if
+    ``features`` are given, :func:`feature_similarity`."""
     symmetric = graph.is_symmetric()
     components = connected_components(graph)
     out: dict[str, Any] = {
@@ -137,6 +176,8 @@ def graph_summary(graph: ClientGraph, sets: Any = None, labels: Any = None) -> d
         out["label_homophily"] = edge_homophily(graph, labels=labels)
     if sets is not None:
         out["set_homophily"] = edge_homophily(graph, sets=sets)
+    if features is not None:
+        out["feature_similarity"] = feature_similarity(graph, features)
     return out
 
 
