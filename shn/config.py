@@ -187,8 +187,10 @@ class GraphConfig:
     """The client-relation graph of the graph methods (SHN, GHN, Panacea).
 
     Attributes:
-        kind: "given" (the task's own graph, e.g. road sensors, or ``path``), "complete", or
-            inferred from stage-1 pFedHN embeddings by the three-stage pipeline: "knn",
+        kind: "given" (the task's own graph, e.g. road sensors, or ``path``), "complete",
+            "labels" (an oracle for ablations: the kNN graph, ``k`` and ``metric``, of the clients'
+            training label distributions, which a server would not see; classification tasks),
+            or inferred from stage-1 pFedHN embeddings by the three-stage pipeline: "knn",
             "threshold" or "learned" (edge weights trained over kNN candidates).
         k: neighbours per client of the kNN graph.
         tau: similarity threshold of the "threshold" graph.
@@ -210,7 +212,7 @@ class GraphConfig:
             count; None: no rewiring.
     """
 
-    kind: Literal["given", "knn", "threshold", "complete", "learned"] = "knn"
+    kind: Literal["given", "knn", "threshold", "complete", "learned", "labels"] = "knn"
     k: int = 5
     tau: float = 0.5
     metric: Literal["cosine", "euclidean"] = "cosine"

@@ -76,6 +76,22 @@ def _graph_file(path: Path, n: int) -> ClientGraph:
         raise ConfigError(f"graph.path: {path}: expected a dense numeric N x N adjacency matrix ({e})") from None
 
 
+def label_graph(config: RunConfig, task: Task, held_out: Sequence[int] = ()) -> ClientGraph:
+    """``graph.kind = "labels"``: the kNN graph of the training clients' label distributions (held-out
+    clients get no edges, as for an inferred graph)."""
+    dists = client_attribute(task, "label_distributions")
+    if dists is None:
+        raise ConfigError(f"graph.kind = 'labels' needs a classification task with client label distributions; "
+                          f"task {task.name!r} has none")
+    dists = torch.as_tensor(dists, dtype=torch.float64)
+    held = set(held_out)
+    pool = [c for c in range(task.num_clients) if c not in held]
+    if len(pool) < 2:
+        raise ConfigError(f"graph.kind = 'labels' needs at least 2 training clients, got {len(pool)}")
+    sub = knn_graph(dists[pool], min(config.graph.k, len(pool) - 1), config.graph.metric)
+    return ClientGraph(torch.tensor(pool)[sub.edge_index], task.num_clients, sub.edge_weight)
+
+
 def without_clients(graph: ClientGraph, clients: Sequence[int]) -> ClientGraph:
     """Drop every edge touching ``clients`` (held-out novel clients), keeping node ids."""
     if not clients:
@@ -87,12 +103,14 @@ def without_clients(graph: ClientGraph, clients: Sequence[int]) -> ClientGraph:
 
 
 def resolve_graph(config: RunConfig, task: Task, held_out: Sequence[int] = ()) -> ClientGraph:
-    """The graph for a run that does not infer one (``given`` or ``complete``)."""
+    """The graph for a run that does not infer one (``given``, ``complete`` or ``labels``)."""
     kind = config.graph.kind
     if kind == "given":
         graph = given_task_graph(config, task)
     elif kind == "complete":
         graph = complete_graph(task.num_clients)
+    elif kind == "labels":
+        graph = label_graph(config, task, held_out)
     else:
         raise ConfigError(f"graph.kind = {kind!r} is inferred from stage-1 embeddings: run `shn pipeline` "
                           "(or `shn run`, which runs the pipeline for inferred graphs)")
@@ -129,7 +147,7 @@ def infer_graph(config: RunConfig, task: Task, embeddings: torch.Tensor, pool: S
     g = config.graph
     pool = list(pool)
     emb = embeddings.detach().to("cpu", torch.float64)[pool]
-    if g.kind in ("given", "complete"):
+    if g.kind in ("given", "complete", "labels"):
         return resolve_graph(config, task, [c for c in range(task.num_clients) if c not in set(pool)])
     if g.kind in ("knn", "learned"):
         key, k = ("graph.k", g.k) if g.kind == "knn" else ("graph.candidate_k", g.candidate_k)

@@ -133,3 +133,38 @@ def test_a_task_knn_graph_with_k_beyond_its_clients_warns(caplog):
         adj = knn_adjacency(dist, 9)
     assert int(adj.sum()) == 12
     assert any("graph k = 9" in r.getMessage() and "complete" in r.getMessage() for r in caplog.records)
+
+
+# -- graph.kind = "labels": the oracle graph of the clients' label distributions ---------------------
+def test_label_graph_joins_clients_with_the_same_classes():
+    """Digits, 6 clients × 2 classes: in the 1-NN graph of the label distributions every client
+    that shares a class with another is joined to one it shares a class with; a held-out client
+    gets no edges."""
+    from shn.graph import feature_similarity
+    from shn.run_graph import resolve_graph
+
+    cfg = config_from_dict({**BASE, "task": {"name": "digits", "num_clients": 6, "model": "mlp"},
+                            "graph": {"kind": "labels", "k": 1}})
+    task = make_task(cfg)
+    graph = resolve_graph(cfg, task)
+    sets = task.label_sets()
+    assert graph.is_symmetric() and graph.num_edges > 0
+    for u in range(6):
+        if any(sets[u] & sets[v] for v in range(6) if v != u):
+            assert any(sets[u] & sets[v] for v in graph.neighbors(u).tolist())
+    sim = feature_similarity(graph, task.label_distributions())
+    assert sim["edges"] > sim["chance"]
+    held = resolve_graph(cfg, task, held_out=[0])
+    assert 0 not in held.edge_index.flatten().tolist() and held.num_nodes == 6
+
+
+def test_label_graph_on_a_task_without_labels_is_one_error():
+    from types import SimpleNamespace
+
+    from shn.run_graph import resolve_graph
+
+    cfg = config_from_dict({**BASE, "graph": {"kind": "labels"}})
+    with pytest.raises(ConfigError, match="graph.kind = 'labels' needs a classification task.*'series' has none"):
+        resolve_graph(cfg, SimpleNamespace(name="series", num_clients=4))
+    with pytest.raises(ConfigError, match="at least 2 training clients"):
+        resolve_graph(cfg, make_task(cfg), held_out=[0, 1, 2])

@@ -147,3 +147,40 @@ def test_control_rows_pair_each_graph_method_with_its_control(tmp_path):
     assert set(rows) == {"pfedhn-as-shn-knn vs pfedhn", "shn-knn vs pfedhn-as-shn-knn"}
     assert abs(rows["pfedhn-as-shn-knn vs pfedhn"].diff_mean - 0.1) < 1e-9
     assert abs(rows["shn-knn vs pfedhn-as-shn-knn"].diff_mean - 0.1) < 1e-9
+
+
+def test_oracle_suite_changes_only_the_graph_of_the_tuned_methods(tmp_path, monkeypatch):
+    """cifar10_oracle.toml is hand-written: each oracle run must be its tuned kNN twin with the
+    label graph in place of stage 1 + kNN graph, at the same 500 client updates."""
+    import shn  # noqa: F401  (registers the methods)
+
+    tuned = _jobs((ROOT / "experiments/study/cifar10_tuned.toml").read_text(), tmp_path, monkeypatch)
+    (tmp_path / "oracle").mkdir()
+    jobs = _jobs((ROOT / "experiments/study/cifar10_oracle.toml").read_text(), tmp_path / "oracle", monkeypatch)
+    assert {j.variant for j in jobs} == {"shn-labels", "ghn-labels"} and {j.seed for j in jobs} == set(range(5))
+    for job in jobs:
+        cfg = job.config()
+        twin = next(t for t in tuned if t.variant == job.variant.replace("-labels", "-knn") and t.seed == job.seed)
+        ref = twin.config()
+        assert cfg.graph.kind == "labels" and cfg.graph.k == ref.graph.k
+        assert (cfg.method, cfg.server, cfg.local, cfg.encoder) == (ref.method, ref.server, ref.local, ref.encoder)
+        assert cfg.hypernetwork == ref.hypernetwork and cfg.task == ref.task and job.entry == twin.entry
+        assert _budget(job) == _budget(twin) == 500
+
+
+def test_oracle_rows_read_the_oracle_folder(tmp_path):
+    import json
+
+    import update_readme
+
+    for root, method, values in (("s-tuned", "pfedhn", [0.5, 0.6]), ("s-tuned", "shn-knn", [0.6, 0.6]),
+                                 ("s-tuned-oracle", "shn-labels", [0.7, 0.9])):
+        for seed, v in enumerate(values):
+            d = tmp_path / root / "s" / method / f"seed{seed}"
+            d.mkdir(parents=True)
+            (d / "summary.json").write_text(json.dumps({
+                "primary_metric": "test_accuracy", "metrics": {"test_accuracy": v},
+                "best_val": {"round": 1, "metrics": {"test_accuracy": v}}, "budget": {"client_updates": 10}}))
+    rows = {r.method: r for r in update_readme.control_rows([tmp_path / "s-tuned"], "oracle", update_readme.ORACLE_PAIRS)}
+    assert set(rows) == {"shn-labels vs pfedhn", "shn-labels vs shn-knn"}
+    assert abs(rows["shn-labels vs pfedhn"].diff_mean - 0.25) < 1e-9 and abs(rows["shn-labels vs shn-knn"].diff_mean - 0.2) < 1e-9

@@ -6,8 +6,8 @@ Runs `shn compare` over experiments/results/study/<setting>/ (phase-B outputs; f
 suite's folder, cifar10-tuned/, once every run of it finished), writes
 experiments/results/study/paired/{paired.md,paired.csv} and replaces the block between the
 README's `<!-- paired:start -->` and `<!-- paired:end -->` markers with the table (and the
-`vsghn`, `control`, `depth` and `heterophily` blocks: SHN against GHN, the learning-rate
-control of lr_control.py, and grid_studies.py's tables).
+`vsghn`, `control`, `oracle`, `depth` and `heterophily` blocks: SHN against GHN, the learning-rate
+control of lr_control.py, the oracle-graph control of cifar10_oracle.toml, and grid_studies.py's tables).
 """
 
 from __future__ import annotations
@@ -48,20 +48,24 @@ SHN_VS_GHN = [("shn-given", "ghn-given"), ("shn-given-replace", "ghn-given"), ("
 # and what its graph adds on top of them; runs in <setting root>-control/
 CONTROL_PAIRS = [("pfedhn-as-shn-knn", "pfedhn"), ("shn-knn", "pfedhn-as-shn-knn"),
                  ("pfedhn-as-ghn-knn", "pfedhn"), ("ghn-knn", "pfedhn-as-ghn-knn")]
+# the oracle-graph control (cifar10_oracle.toml): SHN / GHN on the graph of the clients' true label
+# distributions, against pFedHN, each other and themselves on the inferred kNN graph; in <root>-oracle/
+ORACLE_PAIRS = [("shn-labels", "pfedhn"), ("ghn-labels", "pfedhn"), ("shn-labels", "ghn-labels"),
+                ("shn-labels", "shn-knn"), ("ghn-labels", "ghn-knn")]
 
 
-def control_rows(roots: list[Path]) -> list:
-    """Rows of ``CONTROL_PAIRS`` for every setting root with a ``-control`` folder beside it;
+def control_rows(roots: list[Path], suffix: str = "control", pairs: list = CONTROL_PAIRS) -> list:
+    """Rows of ``pairs`` for every setting root with a ``<root>-<suffix>`` folder beside it;
     each row's method reads "method vs reference"."""
     rows = []
     for root in roots:
-        control = root.parent / f"{root.name}-control"
+        control = root.parent / f"{root.name}-{suffix}"
         if not control.is_dir():
             continue
         extra = load_runs(control)
         for setting, runs in load_runs(root).items():
             runs = {**runs, **extra.get(setting, {})}
-            for method, ref in CONTROL_PAIRS:
+            for method, ref in pairs:
                 if method in runs and ref in runs:
                     rows += [replace(r, method=f"{method} vs {ref}")
                              for r in paired_rows({ref: runs[ref], method: runs[method]}, setting, ref)
@@ -93,6 +97,7 @@ def main() -> None:
     text = replace_block(readme.read_text(), "paired", table)
     text = replace_block(text, "vsghn", ghn_table)
     text = replace_block(text, "control", markdown(control_rows(roots), "the named reference"))
+    text = replace_block(text, "oracle", markdown(control_rows(roots, "oracle", ORACLE_PAIRS), "the named reference"))
     for name, study_table in grid_studies.main().items():
         text = replace_block(text, name, study_table)
     readme.write_text(text)
