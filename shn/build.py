@@ -27,7 +27,7 @@ from shn.federated.records import atomic_write_text, mean_over_clients
 from shn.federated.simulation import EvalCallback, RoundFaults, Simulation, nonfinite_clients, write_summary
 from shn.methods import MethodContext
 from shn.registry import METHODS, TASKS
-from shn.run_graph import resolve_graph
+from shn.run_graph import describe_graph, resolve_graph
 from shn.rundir import claim
 from shn.seeding import seeded_init
 from shn.target import ParamSpec, block_index, fits, module_params, nests_in
@@ -168,6 +168,8 @@ def build(config: RunConfig, *, task: Task | None = None, graph: Any = None,
     entry = METHODS.get(config.method)
     if entry.meta.get("needs_graph") and ctx.graph is None:
         ctx.graph = resolve_graph(config, task, held_out)
+        described = describe_graph(ctx.graph, task)  # as the pipeline records an inferred graph
+        ctx.after_training(lambda out: {"graph": described})
     algorithm = entry.factory(ctx)
     enable_privacy(algorithm, config)  # [privacy]: the Gaussian mechanism in the server step
     nested = bool(getattr(task, "nested_architectures", False))

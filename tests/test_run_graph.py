@@ -168,3 +168,17 @@ def test_label_graph_on_a_task_without_labels_is_one_error():
         resolve_graph(cfg, SimpleNamespace(name="series", num_clients=4))
     with pytest.raises(ConfigError, match="at least 2 training clients"):
         resolve_graph(cfg, make_task(cfg), held_out=[0, 1, 2])
+
+
+def test_a_run_on_a_graph_it_did_not_infer_records_the_graph(tmp_path):
+    """Given / complete / labels graphs land in the summary as an inferred graph does."""
+    from shn.runner import run
+
+    cfg = config_from_dict({**BASE, "task": {"name": "digits", "num_clients": 6, "model": "mlp"},
+                            "graph": {"kind": "labels", "k": 2}})
+    summary = run(cfg, run_dir=tmp_path / "run", progress=False).summary
+    graph = summary["graph"]
+    assert graph["num_nodes"] == 6 and graph["symmetric"] and graph["degree"]["min"] >= 2
+    assert graph["feature_similarity"]["edges"] > graph["feature_similarity"]["chance"]
+    on_disk = json.loads((tmp_path / "run" / "summary.json").read_text())
+    assert on_disk["graph"]["feature_similarity"] == graph["feature_similarity"]

@@ -184,3 +184,26 @@ def test_oracle_rows_read_the_oracle_folder(tmp_path):
     rows = {r.method: r for r in update_readme.control_rows([tmp_path / "s-tuned"], "oracle", update_readme.ORACLE_PAIRS)}
     assert set(rows) == {"shn-labels vs pfedhn", "shn-labels vs shn-knn"}
     assert abs(rows["shn-labels vs pfedhn"].diff_mean - 0.25) < 1e-9 and abs(rows["shn-labels vs shn-knn"].diff_mean - 0.2) < 1e-9
+
+
+def test_graph_quality_scores_inferred_and_given_graphs(tmp_path, monkeypatch):
+    import graph_quality
+
+    from shn.config import config_from_dict
+    from shn.runner import run
+
+    base = {"seed": 0, "rounds": 1, "clients_per_round": 3, "eval_every": 1,
+            "task": {"name": "digits", "num_clients": 6, "model": "mlp"}, "local": {"steps": 1, "batch_size": 16},
+            "hypernetwork": {"hidden": 16}, "encoder": {"layers": 1}, "graph": {"k": 2}}
+    root = tmp_path / "x" / "s"
+    run(config_from_dict({**base, "method": "shn", "graph": {"kind": "labels", "k": 2}}), run_dir=root / "shn-labels" / "seed0",
+        progress=False)
+    run(config_from_dict({**base, "method": "shn", "graph": {"kind": "knn", "k": 2}}), run_dir=root / "shn-knn" / "seed0",
+        progress=False)
+    run(config_from_dict({**base, "method": "pfedhn"}), run_dir=root / "pfedhn" / "seed0", progress=False)
+    monkeypatch.setattr(graph_quality, "STUDY", tmp_path)
+    rows = {r["method"]: r for r in graph_quality.measure(["x"])}
+    assert set(rows) == {"s/shn-labels", "s/shn-knn"}  # pFedHN has no graph
+    assert rows["s/shn-labels"]["reached"] > 0.5  # the label graph is near the best with its edge count
+    for r in rows.values():
+        assert r["oracle"] >= r["edges"] and r["seed"] == 0

@@ -1,11 +1,13 @@
-"""How informative the inferred graphs of the issue-19 study are: for every run with a stage-2
-kNN graph on a classification task, the label-distribution similarity of its edges against
-chance and the best graph with as many edges (:func:`shn.graph.feature_similarity`).
+"""How informative the graphs of the issue-19 study are: for every graph-method run on a
+classification task (a stage-2 kNN graph, or a graph it did not infer, e.g. the oracle
+``graph.kind = "labels"``), the label-distribution similarity of its edges against chance and the
+best graph with as many edges (:func:`shn.graph.feature_similarity`).
 
     python experiments/study/graph_quality.py [ROOT ...]   # default: the CIFAR-10 roots below
 
 Reads each run's ``stage2_graph/graph.json`` and rebuilds its task from ``stage3_*/config.toml``
-(same seed, so the same partition; tasks are cached by config and seed); writes
+(same seed, so the same partition; tasks are cached by config and seed), or rebuilds a
+non-inferred graph from the run's ``config.toml``; writes
 ``experiments/results/study/graph_quality.csv`` (one row per run) and prints the mean per
 (root, method), with ``reached`` = (edges − chance) / (oracle − chance): 0 is a random graph, 1
 the best one. Runs on tasks without label distributions (the forecasts) are skipped.
@@ -25,21 +27,30 @@ sys.path.insert(0, str(ROOT))
 from shn.build import make_task  # noqa: E402
 from shn.config import config_to_dict, load_config  # noqa: E402
 from shn.graph import ClientGraph, feature_similarity  # noqa: E402
+from shn.run_graph import resolve_graph  # noqa: E402
+from shn.runner import INFERRED_GRAPHS  # noqa: E402
 from tasks.base import client_attribute  # noqa: E402
 
 STUDY = ROOT / "experiments/results/study"
-DEFAULT_ROOTS = ("cifar10-tuned", "cifar10-dir0.1", "depth")
+DEFAULT_ROOTS = ("cifar10-tuned", "cifar10-tuned-oracle", "cifar10-dir0.1", "depth")
+GRAPH_METHODS = ("shn", "ghn", "panacea")
 OUT = STUDY / "graph_quality.csv"
 FIELDS = ("root", "run", "method", "seed", "edges", "chance", "oracle", "reached")
 
 
 def runs(root: Path):
-    """``(run dir, graph.json, stage-3 config)`` of every run under ``root`` with a stage-2 graph."""
-    for graph in sorted(root.rglob("stage2_graph/graph.json")):
-        run = graph.parent.parent
+    """``(run dir, graph.json or None, config)`` of every finished graph-method run under ``root``:
+    with a stage-2 graph and its stage-3 config, or on a graph it did not infer (None)."""
+    for summary in sorted(root.rglob("summary.json")):
+        run = summary.parent
+        graph = run / "stage2_graph" / "graph.json"
         configs = sorted(run.glob("stage3_*/config.toml"))
-        if configs:
+        if graph.is_file() and configs:
             yield run, graph, configs[0]
+        elif not run.name.startswith("stage") and (run / "config.toml").is_file() and not graph.exists():
+            config = load_config(run / "config.toml")
+            if config.method in GRAPH_METHODS and config.graph.kind not in INFERRED_GRAPHS:
+                yield run, None, run / "config.toml"
 
 
 def measure(roots: list[str]) -> list[dict]:
@@ -57,7 +68,8 @@ def measure(roots: list[str]) -> list[dict]:
             dists = client_attribute(tasks[key], "label_distributions")
             if dists is None:
                 continue
-            sim = feature_similarity(ClientGraph.load(graph_file), dists)
+            graph = ClientGraph.load(graph_file) if graph_file is not None else resolve_graph(config, tasks[key])
+            sim = feature_similarity(graph.to("cpu"), dists)
             gain = sim["oracle"] - sim["chance"]
             rel = run.relative_to(root)
             rows.append({"root": name, "run": str(rel), "method": str(rel.parent), "seed": config.seed,
