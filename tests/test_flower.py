@@ -459,6 +459,11 @@ def stop(procs: list[subprocess.Popen]) -> None:
             p.wait(timeout=5)
         except subprocess.TimeoutExpired:
             pass
+    # a SuperNode may start one more app process between the scan above and its own exit; once
+    # orphaned it stops by itself (as shn.flower.simulation._stop allows for): give it that time
+    deadline = time.monotonic() + 20
+    while detached_helpers({p.pid for p in procs}) and time.monotonic() < deadline:
+        time.sleep(0.5)
 
 
 def flwr(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
