@@ -7,6 +7,7 @@ calls; this module imports neither of them.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
 from dataclasses import dataclass, field
@@ -34,8 +35,10 @@ from shn.target import ParamSpec, block_index, fits, module_params, nests_in
 from tasks.base import Task
 from tasks.datasets import DataError
 
-__all__ = ["Built", "RunResult", "build", "client_templates", "execute", "make_summary", "make_task", "make_template",
-           "primary_metric", "resolve_device"]
+log = logging.getLogger("shn.build")
+
+__all__ = ["Built", "RunResult", "after_training", "build", "client_templates", "execute", "make_summary", "make_task",
+           "make_template", "primary_metric", "resolve_device"]
 
 
 @dataclass
@@ -274,11 +277,24 @@ def _execute(built: Built, run_path: Path | None, resume: bool, progress: bool, 
     summary["communication"] = sim.traffic.summary(config.compression)
     out = RunResult(config, summary, result.history, result.per_client, run_path, built.algorithm,
                     {"simulation": sim, "built": built, "runtime": built.runtime, "elapsed": time.perf_counter() - t0})
-    for hook in built.context.extras.get("after_training", []):
-        summary.update(hook(out))
+    after_training(built, out)
     if run_path is not None:
         write_summary(run_path, summary)
     return out
+
+
+def after_training(built: Built, out: RunResult, tolerate: tuple[type[Exception], ...] = ()) -> list[str]:
+    """Run the method's after-training steps (novel clients, encoder energy, ...) into
+    ``out.summary``, in order. A step raising one of ``tolerate`` fails alone: logged, its message
+    returned; any other error propagates. Both engines call this."""
+    failed: list[str] = []
+    for hook in built.context.extras.get("after_training", []):
+        try:
+            out.summary.update(hook(out))
+        except tolerate as e:
+            log.warning("an after-training step failed: %s", e)
+            failed.append(str(e))
+    return failed
 
 
 def make_summary(config: RunConfig, task: Task, history: list[dict[str, Any]], per_client: dict[int, dict[str, float]],

@@ -27,6 +27,7 @@ from shn.flower.client_state import ClientSnapshots, run_key  # noqa: E402
 from shn.flower.engine import (  # noqa: E402
     PERSONAL_PREFIX,
     RESIDUAL_PREFIX,
+    ClientUnavailable,
     EngineSettings,
     InProcessGrid,
     make_client_app,
@@ -308,3 +309,22 @@ def test_a_forged_novel_update_is_rejected(tmp_path):
 
     result = run_in_process(config, run_dir=tmp_path / "run", client_app=client_app)
     assert "update rejected" in result.summary["after_training_failed"][0]
+
+
+def test_after_training_tolerates_only_what_it_is_told():
+    """One helper runs the after-training steps for both engines: in order, into the summary; a
+    tolerated error fails its step alone, any other propagates."""
+    from types import SimpleNamespace
+
+    from shn.build import after_training
+
+    def gone(out):
+        raise ClientUnavailable("client 3 did not answer")
+
+    hooks = [lambda out: {"a": 1}, gone, lambda out: {"b": out.summary["a"] + 1}]
+    built = SimpleNamespace(context=SimpleNamespace(extras={"after_training": hooks}))
+    out = SimpleNamespace(summary={})
+    assert after_training(built, out, tolerate=(ClientUnavailable,)) == ["client 3 did not answer"]
+    assert out.summary == {"a": 1, "b": 2}
+    with pytest.raises(ClientUnavailable):
+        after_training(built, SimpleNamespace(summary={}))

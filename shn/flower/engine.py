@@ -113,6 +113,7 @@ from shn.flower.identity import message as _message
 from shn.plugins import load_from_env
 from shn.registry import METHODS
 from shn.rundir import claim
+from shn.build import after_training
 from shn.runner import INFERRED_GRAPHS, Built, RunResult, build, make_summary, make_task
 
 log = logging.getLogger("shn.flower")
@@ -426,13 +427,7 @@ def _run_federation(grid: Any, config: RunConfig, settings: EngineSettings, run_
     summary["communication"] = sim.traffic.summary(config.compression)
     out = RunResult(config, summary, result.history, result.per_client, run_dir, built.algorithm,
                     {"simulation": sim, "built": built, "runtime": GridRuntime(sim), "elapsed": time.perf_counter() - t0})
-    failed_steps = []
-    for hook in built.context.extras.get("after_training", []):  # as in-process (shn.build.execute)
-        try:
-            summary.update(hook(out))
-        except ClientUnavailable as e:  # a client gone after training fails that step alone
-            log.warning("an after-training step failed: %s", e)
-            failed_steps.append(str(e))
+    failed_steps = after_training(built, out, tolerate=(ClientUnavailable,))  # a client gone fails its step alone
     if failed_steps:
         summary["after_training_failed"] = failed_steps
     summary["failed_evaluations"] = sim.failed_evaluations
