@@ -82,6 +82,14 @@ def client_attribute(task: Task, name: str) -> Sequence | None:
     return value() if callable(value) else value
 
 
+def label_frequencies(clients: Sequence[ClientData], num_classes: int) -> Tensor:
+    """``[N, num_classes]`` float64: each client's training label frequencies (rows sum to 1; a
+    client without training rows gets a zero row), for classification tasks'
+    ``label_distributions``."""
+    counts = torch.stack([torch.bincount(c.train[1].long(), minlength=num_classes) for c in clients])
+    return counts.double() / counts.sum(dim=1, keepdim=True).clamp_min(1)
+
+
 # -- reusable loss / metric helpers (vmap-safe) ------------------------------------------------
 
 def classification_loss(output: Tensor, y: Tensor) -> Tensor:

@@ -21,7 +21,13 @@ import torch
 from torch import Tensor, nn
 
 from shn.registry import TASKS
-from tasks.base import ClientData, classification_finalize, classification_loss, classification_metrics
+from tasks.base import (
+    ClientData,
+    classification_finalize,
+    classification_loss,
+    classification_metrics,
+    label_frequencies,
+)
 from tasks.datasets import DATASETS, ImageData, load_dataset
 from tasks.options import as_widths, width_for
 from tasks.models import MODEL_NAMES, make_classifier
@@ -294,8 +300,7 @@ class ClassificationTask:
     def label_distributions(self) -> Tensor:
         """``[N, classes]``: each client's training label frequencies (rows sum to 1), the graded
         ground truth an inferred graph is scored against (:func:`shn.graph.feature_similarity`)."""
-        counts = torch.stack([torch.bincount(c.train[1], minlength=self.num_classes) for c in self._clients])
-        return counts.double() / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        return label_frequencies(self._clients, self.num_classes)
 
     def __repr__(self) -> str:
         sizes = [c.num_train for c in self._clients]

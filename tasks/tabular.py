@@ -52,6 +52,7 @@ from tasks.base import (
     classification_finalize,
     classification_loss,
     classification_metrics,
+    label_frequencies,
     regression_finalize,
     regression_loss,
     regression_metrics,
@@ -454,8 +455,7 @@ class TabularTask:
         """``[N, classes]`` training label frequencies per client (classification only)."""
         if self.problem != "classification":
             return None
-        counts = torch.stack([torch.bincount(c.train[1].long(), minlength=self.num_classes) for c in self._clients])
-        return counts.double() / counts.sum(dim=1, keepdim=True).clamp_min(1)
+        return label_frequencies(self._clients, self.num_classes)
 
     def relation_adjacency(self) -> Tensor | None:
         """The given client graph ``[N, N]`` (``graph_file`` or coordinates); ``None`` without one."""

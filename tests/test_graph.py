@@ -664,3 +664,14 @@ def test_knn_properties(n, k, seed, duplicates, metric):
     assert_canonical(g)
     assert g.is_symmetric() and int(g.degree().min()) >= k
     assert torch.equal(knn_graph(x, k, metric, chunk_size=3).edge_index, g.edge_index)
+
+
+def test_feature_similarity_oracle_by_blocks_equals_the_dense_top_pairs():
+    from shn.graph.diagnostics import _top_pairs_mean
+
+    x = torch.rand(37, 5, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    unit = x / x.norm(dim=1, keepdim=True)
+    sim = (unit @ unit.T)[~torch.eye(37, dtype=torch.bool)]
+    for m in (1, 60, 37 * 36):
+        dense = float(sim.topk(m).values.mean())
+        assert all(_top_pairs_mean(unit, m, chunk) == pytest.approx(dense, abs=1e-12) for chunk in (1, 5, 1024))

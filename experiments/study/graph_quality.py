@@ -46,11 +46,11 @@ def runs(root: Path):
         graph = run / "stage2_graph" / "graph.json"
         configs = sorted(run.glob("stage3_*/config.toml"))
         if graph.is_file() and configs:
-            yield run, graph, configs[0]
+            yield run, graph, load_config(configs[0])
         elif not run.name.startswith("stage") and (run / "config.toml").is_file() and not graph.exists():
             config = load_config(run / "config.toml")
             if config.method in GRAPH_METHODS and config.graph.kind not in INFERRED_GRAPHS:
-                yield run, None, run / "config.toml"
+                yield run, None, config
 
 
 def measure(roots: list[str]) -> list[dict]:
@@ -60,8 +60,7 @@ def measure(roots: list[str]) -> list[dict]:
         root = STUDY / name
         if not root.is_dir():
             raise SystemExit(f"{root}: no such study folder")
-        for run, graph_file, config_file in runs(root):
-            config = load_config(config_file)
+        for run, graph_file, config in runs(root):
             key = repr((config_to_dict(config)["task"], config.seed))
             if key not in tasks:
                 tasks[key] = make_task(config)

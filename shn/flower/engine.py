@@ -87,6 +87,7 @@ from flwr.app import ConfigRecord, RecordDict
 from flwr.common.logger import log as flwr_log
 from flwr.serverapp import ServerApp
 
+from shn.build import after_training
 from shn.config import ConfigError, RunConfig, apply_overrides, config_from_dict, read_config
 from shn.federated.algorithm import eval_weights
 from shn.federated.client import FitResult
@@ -113,7 +114,6 @@ from shn.flower.identity import message as _message
 from shn.plugins import load_from_env
 from shn.registry import METHODS
 from shn.rundir import claim
-from shn.build import after_training
 from shn.runner import INFERRED_GRAPHS, Built, RunResult, build, make_summary, make_task
 
 log = logging.getLogger("shn.flower")
